@@ -1,0 +1,137 @@
+"""Architecture-neutral views of a decoder-only transformer.
+
+Everything outside `llmprune/families/` talks to models through these types, never through HF
+module names. A Family turns a concrete HF model into per-layer `BlockView`s and `Geometry`s.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Protocol
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Shape of one decoder layer. Parameter costs are derived from it, never from constants."""
+
+    hidden: int
+    n_q_heads: int  # 0 when the attention sublayer is gone
+    n_kv_heads: int
+    head_dim: int  # never changes under pruning (RoPE and kernels depend on it)
+    intermediate: int  # 0 when the FFN sublayer is gone
+    has_attn: bool = True
+    has_mlp: bool = True
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_in_bias: bool = False  # gate/up bias
+    down_bias: bool = False
+    gated_mlp: bool = True  # gate+up+down (3 matrices) vs up+down
+
+    # ---- derived shapes -------------------------------------------------------------------------
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (g)."""
+        return self.n_q_heads // self.n_kv_heads if self.n_kv_heads else 0
+
+    @property
+    def n_mlp_mats(self) -> int:
+        return 3 if self.gated_mlp else 2
+
+    # ---- parameter costs (decoder-layer linear parameters, biases included) --------------------
+    def attn_params(self) -> int:
+        if not self.has_attn:
+            return 0
+        q, kv, hd, d = self.n_q_heads, self.n_kv_heads, self.head_dim, self.hidden
+        weights = (2 * q + 2 * kv) * hd * d
+        biases = (q + 2 * kv) * hd * self.qkv_bias + d * self.o_bias
+        return weights + biases
+
+    def mlp_params(self) -> int:
+        if not self.has_mlp:
+            return 0
+        m, d = self.intermediate, self.hidden
+        in_mats = self.n_mlp_mats - 1
+        return self.n_mlp_mats * m * d + in_mats * m * self.mlp_in_bias + d * self.down_bias
+
+    def linear_params(self) -> int:
+        return self.attn_params() + self.mlp_params()
+
+    def kv_group_cost(self) -> int:
+        """Parameters of one KV group: one KV head and its g query heads ((2g+2)·hd·d, + q/k/v biases)."""
+        g, hd, d = self.group_size, self.head_dim, self.hidden
+        return (2 * g + 2) * hd * d + (g + 2) * hd * self.qkv_bias
+
+    def q_head_cost(self) -> int:
+        """Parameters of one query head inside a group (q rows + o columns)."""
+        return 2 * self.head_dim * self.hidden + self.head_dim * self.qkv_bias
+
+    def ffn_channel_cost(self) -> int:
+        """Parameters of one FFN channel (gate/up row + down column)."""
+        return self.n_mlp_mats * self.hidden + (self.n_mlp_mats - 1) * self.mlp_in_bias
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Geometry:
+        return cls(**d)
+
+    def with_(self, **changes: Any) -> Geometry:
+        return replace(self, **changes)
+
+
+@dataclass
+class AttnView:
+    """The attention sublayer of one block: its projections and the norm in front of it."""
+
+    module: nn.Module
+    norm: nn.Module
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    o: nn.Linear
+    head_dim: int
+
+
+@dataclass
+class MlpView:
+    """The FFN sublayer of one block. `inputs` are the row-sliced matrices (gate, up); `down` is column-sliced."""
+
+    module: nn.Module
+    norm: nn.Module
+    inputs: list[nn.Linear]
+    down: nn.Linear
+
+
+@dataclass
+class BlockView:
+    index: int
+    module: nn.Module
+    attn: AttnView | None
+    mlp: MlpView | None
+
+
+class Family(Protocol):
+    """What llmprune needs to know about one architecture family."""
+
+    name: str
+    model_types: tuple[str, ...]
+
+    def matches(self, config: Any) -> bool: ...
+
+    def layers(self, model: nn.Module) -> nn.ModuleList: ...
+
+    def block(self, model: nn.Module, index: int) -> BlockView: ...
+
+    def geometry(self, model: nn.Module) -> list[Geometry]: ...
+
+    def base_model_type(self, config: Any) -> str: ...
+
+    def target_config(self, model: nn.Module, geometries: list[Geometry], keep_layers: list[int]) -> Any: ...
+
+    def model_class_for(self, config: Any) -> type[nn.Module]: ...
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture has no llmprune family."""

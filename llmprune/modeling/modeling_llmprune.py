@@ -1,0 +1,195 @@
+# A Llama-architecture decoder whose layers may differ in shape: per-layer query / KV heads and FFN
+# width, attention or FFN sublayers removed, optional biases on o_proj / down_proj.
+#
+# Copied next to the weights of every non-uniform llmprune checkpoint, so that
+# `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` works without llmprune.
+# It builds every layer from the base family's own transformers modules (LlamaAttention,
+# Qwen3Attention, ...) using that layer's resolved config; nothing here is a copied modeling file.
+from __future__ import annotations
+
+import importlib
+
+import torch
+import transformers
+from torch import nn
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.models.llama import modeling_llama
+
+from .configuration_llmprune import LlmpruneLlamaConfig
+
+_MIN_TRANSFORMERS = (5, 14)
+if tuple(int(p) for p in transformers.__version__.split(".")[:2]) < _MIN_TRANSFORMERS:
+    raise ImportError(
+        f"this pruned checkpoint needs transformers>={'.'.join(map(str, _MIN_TRANSFORMERS))} "
+        f"(per_layer_config support); found {transformers.__version__}. Run: pip install -U transformers"
+    )
+
+# base_model_type -> (module, class-name prefix) providing Attention, MLP, RMSNorm, RotaryEmbedding
+_FAMILY_MODULES = {
+    "llama": ("transformers.models.llama.modeling_llama", "Llama"),
+    "mistral": ("transformers.models.mistral.modeling_mistral", "Mistral"),
+    "qwen2": ("transformers.models.qwen2.modeling_qwen2", "Qwen2"),
+    "qwen3": ("transformers.models.qwen3.modeling_qwen3", "Qwen3"),
+}
+
+
+def _family_class(config: LlmpruneLlamaConfig, part: str) -> type[nn.Module]:
+    module_name, prefix = _FAMILY_MODULES[config.base_model_type]
+    return getattr(importlib.import_module(module_name), prefix + part)
+
+
+def _with_bias(linear: nn.Linear) -> nn.Linear:
+    # A fresh Linear of the same shape with a (zero) bias; the checkpoint supplies the values.
+    out = nn.Linear(linear.in_features, linear.out_features, bias=True, device=linear.weight.device,
+                    dtype=linear.weight.dtype)
+    nn.init.zeros_(out.bias)
+    return out
+
+
+class LlmpruneDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm decoder layer whose attention and/or FFN sublayer may be absent."""
+
+    def __init__(self, config: LlmpruneLlamaConfig, layer_idx: int):
+        super().__init__()
+        lc = config.per_layer_config[layer_idx] if config.is_heterogeneous else config
+        skip = set(getattr(lc, "skip", None) or [])
+        self.has_attn = "attention" not in skip
+        self.has_mlp = "mlp" not in skip
+        rms_norm = _family_class(config, "RMSNorm")
+        if self.has_attn:
+            self.input_layernorm = rms_norm(config.hidden_size, eps=config.rms_norm_eps)
+            # Original layer_idx: the KV cache and per-layer config are indexed by it.
+            self.self_attn = _family_class(config, "Attention")(config=lc, layer_idx=layer_idx)
+            # The per-layer config is a copy; forward reads _attn_implementation from the live config.
+            self.self_attn.config = config
+            if getattr(lc, "o_proj_bias", False) and self.self_attn.o_proj.bias is None:
+                self.self_attn.o_proj = _with_bias(self.self_attn.o_proj)
+        if self.has_mlp:
+            self.post_attention_layernorm = rms_norm(config.hidden_size, eps=config.rms_norm_eps)
+            self.mlp = _family_class(config, "MLP")(lc)
+            if getattr(lc, "down_proj_bias", False) and self.mlp.down_proj.bias is None:
+                self.mlp.down_proj = _with_bias(self.mlp.down_proj)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        if self.has_attn:
+            attn_out, _ = self.self_attn(
+                hidden_states=self.input_layernorm(hidden_states),
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
+            hidden_states = hidden_states + attn_out
+        if self.has_mlp:
+            hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states
+
+
+class LlmprunePreTrainedModel(modeling_llama.LlamaPreTrainedModel):
+    config_class = LlmpruneLlamaConfig
+    config: LlmpruneLlamaConfig
+    _no_split_modules = ["LlmpruneDecoderLayer"]
+    _can_record_outputs = {"hidden_states": LlmpruneDecoderLayer}
+
+
+class LlmpruneLlamaModel(LlmprunePreTrainedModel):
+    def __init__(self, config: LlmpruneLlamaConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(LlmpruneDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = _family_class(config, "RMSNorm")(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = _family_class(config, "RotaryEmbedding")(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | dict | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past
+
+        layer_types = self.config.layer_types
+        masks = attention_mask  # generate() may hand over a ready {layer_type: mask} mapping
+        if not isinstance(masks, dict):
+            mask_kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                               past_key_values=past_key_values, position_ids=position_ids)
+            masks = {"full_attention": create_causal_mask(**mask_kwargs)}
+            if "sliding_attention" in layer_types:
+                masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        all_hidden = [hidden_states] if output_hidden_states else None
+        for i, layer in enumerate(self.layers):
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=masks.get(layer_types[i]),  # None for attention-free ("mlp") layers
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
+            if all_hidden is not None:
+                all_hidden.append(hidden_states)
+        hidden_states = self.norm(hidden_states)
+        if all_hidden is not None:
+            all_hidden[-1] = hidden_states
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+        )
+
+
+class LlmpruneLlamaForCausalLM(LlmprunePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: LlmpruneLlamaConfig):
+        super().__init__(config)
+        self.model = LlmpruneLlamaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    # forward is LlamaForCausalLM's: it only touches self.model, self.lm_head and the loss.
+    forward = modeling_llama.LlamaForCausalLM.forward
+
+
+__all__ = ["LlmpruneLlamaForCausalLM", "LlmpruneLlamaModel", "LlmprunePreTrainedModel"]

@@ -1,0 +1,270 @@
+"""The Plan: what every layer keeps. Tensor-free, versioned JSON, validated against a Geometry.
+
+Indices always refer to the *base* model's layers and units:
+- attention: KV groups 0..n_kv-1 of the layer; inside a kept group, query heads 0..g-1 (local);
+- FFN: channels 0..m-1 (rows of gate/up, columns of down).
+Compensation (FLAP-style bias) is stored as the calibration means of the removed input channels of
+o_proj / down_proj, in ascending channel order, so `apply` can rebuild the bias from the base weights.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .families.base import Geometry
+
+PLAN_FORMAT = "llmprune.plan"
+PLAN_VERSION = 1
+
+
+class PlanError(ValueError):
+    """A plan does not fit the model it is applied to, or its file is malformed."""
+
+
+@dataclass
+class AttnPlan:
+    drop: bool = False
+    keep_kv_groups: list[int] | None = None  # None: all groups
+    keep_q: list[list[int]] | None = None  # per kept group, local query heads kept (same count everywhere)
+    compensate: list[float] | None = None  # means of the removed o_proj input channels
+
+    def is_identity(self) -> bool:
+        return not self.drop and self.keep_kv_groups is None and self.keep_q is None
+
+
+@dataclass
+class MlpPlan:
+    drop: bool = False
+    keep_channels: list[int] | None = None  # None: all channels
+    compensate: list[float] | None = None  # means of the removed down_proj input channels
+
+    def is_identity(self) -> bool:
+        return not self.drop and self.keep_channels is None
+
+
+@dataclass
+class LayerPlan:
+    attn: AttnPlan = field(default_factory=AttnPlan)
+    mlp: MlpPlan = field(default_factory=MlpPlan)
+
+    @property
+    def removed(self) -> bool:
+        """Both sublayers gone: the whole block disappears and later blocks are renumbered."""
+        return self.attn.drop and self.mlp.drop
+
+
+@dataclass
+class Plan:
+    layers: list[LayerPlan]
+    geometry: list[Geometry]  # of the base model, one per layer
+    method: str = "manual"
+    base_model: str | None = None
+    base_revision: str | None = None
+    family: str = "llama"
+    recipe: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)  # method-specific report (e.g. removal_order)
+
+    # ---- construction -----------------------------------------------------------------------------
+    @classmethod
+    def identity(cls, geometry: list[Geometry], **kw: Any) -> Plan:
+        return cls(layers=[LayerPlan() for _ in geometry], geometry=list(geometry), **kw)
+
+    # ---- derived shapes ----------------------------------------------------------------------------
+    def geometry_after(self) -> list[Geometry]:
+        """Geometry of every base layer after the plan (removed blocks included, with nothing left)."""
+        return [_after(g, lp) for g, lp in zip(self.geometry, self.layers)]
+
+    def kept_layers(self) -> list[int]:
+        return [i for i, lp in enumerate(self.layers) if not lp.removed]
+
+    def params_before(self) -> int:
+        return sum(g.linear_params() for g in self.geometry)
+
+    def params_after(self) -> int:
+        return sum(g.linear_params() for g in self.geometry_after())
+
+    def sparsity(self) -> float:
+        """Fraction of decoder-layer linear parameters removed."""
+        before = self.params_before()
+        return 1.0 - self.params_after() / before if before else 0.0
+
+    def is_identity(self) -> bool:
+        return all(lp.attn.is_identity() and lp.mlp.is_identity() for lp in self.layers)
+
+    # ---- validation --------------------------------------------------------------------------------
+    def validate(self, geometry: list[Geometry] | None = None) -> None:
+        """Raise PlanError unless every index fits `geometry` (default: the plan's own)."""
+        geometry = self.geometry if geometry is None else geometry
+        if len(geometry) != len(self.layers):
+            raise PlanError(f"plan has {len(self.layers)} layers but the model has {len(geometry)}")
+        if geometry != self.geometry:
+            for i, (a, b) in enumerate(zip(geometry, self.geometry)):
+                if a != b:
+                    raise PlanError(f"layer {i}: plan was made for {b} but the model has {a}")
+        for i, (g, lp) in enumerate(zip(geometry, self.layers)):
+            _validate_attn(i, g, lp.attn)
+            _validate_mlp(i, g, lp.mlp)
+
+    # ---- JSON --------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT,
+            "version": PLAN_VERSION,
+            "method": self.method,
+            "family": self.family,
+            "base_model": self.base_model,
+            "base_revision": self.base_revision,
+            "params": {"linear_before": self.params_before(), "linear_after": self.params_after(),
+                       "sparsity": round(self.sparsity(), 6)},
+            "geometry": [g.to_dict() for g in self.geometry],
+            "layers": [_layer_to_dict(lp) for lp in self.layers],
+            "recipe": self.recipe,
+            "extras": self.extras,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        if d.get("format") != PLAN_FORMAT:
+            raise PlanError(f"not an llmprune plan (format={d.get('format')!r}, expected {PLAN_FORMAT!r})")
+        if d.get("version") != PLAN_VERSION:
+            raise PlanError(f"plan version {d.get('version')} is not supported (this llmprune reads {PLAN_VERSION})")
+        try:
+            layers = [LayerPlan(attn=AttnPlan(**ld.get("attn", {})), mlp=MlpPlan(**ld.get("mlp", {})))
+                      for ld in d["layers"]]
+            geometry = [Geometry.from_dict(g) for g in d["geometry"]]
+        except (KeyError, TypeError) as e:
+            raise PlanError(f"malformed plan: {e}") from e
+        plan = cls(layers=layers, geometry=geometry, method=d.get("method", "manual"),
+                   base_model=d.get("base_model"), base_revision=d.get("base_revision"),
+                   family=d.get("family", "llama"), recipe=d.get("recipe") or {}, extras=d.get("extras") or {})
+        plan.validate()
+        return plan
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        p = Path(path)
+        if p.is_dir():
+            p = p / "pruning.json"
+        if not p.exists():
+            raise PlanError(f"no plan at {path} (expected plan.json or a checkpoint directory with pruning.json)")
+        d = json.loads(p.read_text())
+        return cls.from_dict(d["plan"] if "plan" in d and "format" not in d else d)
+
+    # ---- human summary -----------------------------------------------------------------------------
+    def summary(self) -> str:
+        """Per-layer table: heads, KV heads, FFN width before -> after, and linear parameters."""
+        rows = [f"{'layer':>5}  {'attn q/kv heads':>17}  {'ffn width':>13}  {'params':>21}"]
+        for i, (b, a) in enumerate(zip(self.geometry, self.geometry_after())):
+            att = "removed" if not a.has_attn else f"{b.n_q_heads}/{b.n_kv_heads}->{a.n_q_heads}/{a.n_kv_heads}"
+            ffn = "removed" if not a.has_mlp else f"{b.intermediate}->{a.intermediate}"
+            rows.append(f"{i:>5}  {att:>17}  {ffn:>13}  {b.linear_params():>10,}->{a.linear_params():<10,}")
+        rows.append(f"linear params {self.params_before():,} -> {self.params_after():,} "
+                    f"(sparsity {self.sparsity():.2%})")
+        return "\n".join(rows)
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+def _after(g: Geometry, lp: LayerPlan) -> Geometry:
+    changes: dict[str, Any] = {}
+    a = lp.attn
+    if a.drop or not g.has_attn:
+        changes.update(has_attn=False, n_q_heads=0, n_kv_heads=0, qkv_bias=False, o_bias=False)
+    else:
+        n_kv = g.n_kv_heads if a.keep_kv_groups is None else len(a.keep_kv_groups)
+        per_group = g.group_size if a.keep_q is None else (len(a.keep_q[0]) if a.keep_q else 0)
+        changes.update(n_kv_heads=n_kv, n_q_heads=n_kv * per_group, o_bias=g.o_bias or a.compensate is not None)
+    m = lp.mlp
+    if m.drop or not g.has_mlp:
+        changes.update(has_mlp=False, intermediate=0, mlp_in_bias=False, down_bias=False)
+    else:
+        width = g.intermediate if m.keep_channels is None else len(m.keep_channels)
+        changes.update(intermediate=width, down_bias=g.down_bias or m.compensate is not None)
+    return g.with_(**changes)
+
+
+def removed_indices(kept: list[int] | None, n: int) -> list[int]:
+    if kept is None:
+        return []
+    keep = set(kept)
+    return [i for i in range(n) if i not in keep]
+
+
+def attn_kept_channels(g: Geometry, a: AttnPlan) -> list[int]:
+    """o_proj input channels (= q_proj output rows) that survive, in new order (grouped by KV group)."""
+    groups = range(g.n_kv_heads) if a.keep_kv_groups is None else a.keep_kv_groups
+    out: list[int] = []
+    for gi, k in enumerate(groups):
+        local = range(g.group_size) if a.keep_q is None else a.keep_q[gi]
+        for j in local:
+            head = k * g.group_size + j
+            out.extend(range(head * g.head_dim, (head + 1) * g.head_dim))
+    return out
+
+
+def _check_indices(where: str, idx: list[int], n: int) -> None:
+    if any(not isinstance(i, int) for i in idx):
+        raise PlanError(f"{where}: indices must be integers")
+    if idx != sorted(set(idx)):
+        raise PlanError(f"{where}: indices must be sorted and unique")
+    if idx and (idx[0] < 0 or idx[-1] >= n):
+        raise PlanError(f"{where}: indices must lie in [0, {n})")
+
+
+def _validate_attn(i: int, g: Geometry, a: AttnPlan) -> None:
+    where = f"layer {i} attention"
+    if not g.has_attn:
+        if not a.drop or a.keep_kv_groups is not None or a.keep_q is not None:
+            raise PlanError(f"{where}: the model has no attention here; the plan may only say drop")
+        return
+    if a.drop:
+        if a.keep_kv_groups is not None or a.keep_q is not None:
+            raise PlanError(f"{where}: drop excludes keep_kv_groups / keep_q")
+        return
+    n_groups = g.n_kv_heads
+    if a.keep_kv_groups is not None:
+        _check_indices(f"{where} keep_kv_groups", a.keep_kv_groups, g.n_kv_heads)
+        if not a.keep_kv_groups:
+            raise PlanError(f"{where}: keeps no KV group; use drop: true to remove the sublayer")
+        n_groups = len(a.keep_kv_groups)
+    if a.keep_q is not None:
+        if len(a.keep_q) != n_groups:
+            raise PlanError(f"{where}: keep_q has {len(a.keep_q)} entries for {n_groups} kept KV groups")
+        sizes = {len(q) for q in a.keep_q}
+        if len(sizes) != 1 or 0 in sizes:
+            raise PlanError(f"{where}: every KV group must keep the same, non-zero number of query heads")
+        for q in a.keep_q:
+            _check_indices(f"{where} keep_q", q, g.group_size)
+    n_removed = g.n_q_heads * g.head_dim - len(attn_kept_channels(g, a))
+    if a.compensate is not None and len(a.compensate) != n_removed:
+        raise PlanError(f"{where}: compensate has {len(a.compensate)} means for {n_removed} removed channels")
+
+
+def _validate_mlp(i: int, g: Geometry, m: MlpPlan) -> None:
+    where = f"layer {i} mlp"
+    if not g.has_mlp:
+        if not m.drop or m.keep_channels is not None:
+            raise PlanError(f"{where}: the model has no FFN here; the plan may only say drop")
+        return
+    if m.drop:
+        if m.keep_channels is not None:
+            raise PlanError(f"{where}: drop excludes keep_channels")
+        return
+    if m.keep_channels is not None:
+        _check_indices(f"{where} keep_channels", m.keep_channels, g.intermediate)
+        if not m.keep_channels:
+            raise PlanError(f"{where}: keeps no channel; use drop: true to remove the sublayer")
+    n_removed = len(removed_indices(m.keep_channels, g.intermediate))
+    if m.compensate is not None and len(m.compensate) != n_removed:
+        raise PlanError(f"{where}: compensate has {len(m.compensate)} means for {n_removed} removed channels")
+
+
+def _layer_to_dict(lp: LayerPlan) -> dict[str, Any]:
+    def clean(obj: Any) -> dict[str, Any]:
+        return {k: v for k, v in obj.__dict__.items() if v is not None and v is not False}
+
+    return {"attn": clean(lp.attn), "mlp": clean(lp.mlp)}
