@@ -153,7 +153,7 @@ class Plan:
         if not p.exists():
             raise PlanError(f"no plan at {path} (expected plan.json or a checkpoint directory with pruning.json)")
         d = json.loads(p.read_text())
-        return cls.from_dict(d["plan"] if "plan" in d and "format" not in d else d)
+        return cls.from_dict(d["plan"] if isinstance(d.get("plan"), dict) else d)  # checkpoint's pruning.json
 
     # ---- human summary -----------------------------------------------------------------------------
     def summary(self) -> str:

@@ -177,11 +177,13 @@ class LlamaFamily:
         def added_down(g: Geometry) -> bool:
             return g.down_bias and not native_down
 
+        base_q = _global(base, "num_attention_heads")
         glob = {
-            "num_attention_heads": most_common([g and g.n_q_heads for g in attn_geos], base.num_attention_heads),
+            "num_attention_heads": most_common([g and g.n_q_heads for g in attn_geos], base_q),
             "num_key_value_heads": most_common([g and g.n_kv_heads for g in attn_geos],
-                                               getattr(base, "num_key_value_heads", None) or base.num_attention_heads),
-            "intermediate_size": most_common([g and g.intermediate for g in mlp_geos], base.intermediate_size),
+                                               _global(base, "num_key_value_heads") or base_q),
+            "intermediate_size": most_common([g and g.intermediate for g in mlp_geos],
+                                             _global(base, "intermediate_size")),
             "o_proj_bias": most_common([g and added_o(g) for g in attn_geos], False),
             "down_proj_bias": most_common([g and added_down(g) for g in mlp_geos], False),
         }
@@ -213,6 +215,13 @@ class LlamaFamily:
         )
         cfg.architectures = ["LlmpruneLlamaForCausalLM"]
         return cfg
+
+
+def _global(config: Any, key: str) -> Any:
+    """A config attribute's global value, even when a heterogeneous config varies it per layer."""
+    if getattr(config, "is_heterogeneous", False):
+        return config._getattr_without_heterogeneous_validation(key, None)
+    return getattr(config, key, None)
 
 
 def _decoder(model: nn.Module) -> nn.Module:

@@ -1,0 +1,241 @@
+"""The Python verbs: load, calibration_tokens, make_plan, prune, save, load_pruned, perplexity, run.
+
+    import llmprune as lp
+    loaded = lp.load("smollm2-135m")
+    recipe = lp.load_recipe("magnitude", {"sparsity": 0.2})
+    pruned, plan = lp.prune(loaded.model, recipe, tokenizer=loaded.tokenizer)
+"""
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__, data, surgery
+from .checkpoint import check_output_dir, load_pruned, now_iso, save_pruned
+from .embedded import EMBEDDED, is_embedded, resolve_embedded
+from .evaluate.perplexity import PerplexityResult, perplexity
+from .families import Family, family_for
+from .plan import Plan
+from .prune import PruneContext, get_pruner
+from .recipe import ResolvedRecipe, load_recipe
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    tokenizer: Any
+    family: Family
+    model_id: str  # what the user asked for
+    path: str  # what was loaded (local dir or Hub id)
+    base_model: str  # Hub id to credit as the base model
+    revision: str | None = None
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """auto: float32 on CPU (fast and exact there), bfloat16 on GPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(sorted(set(DTYPES)))}")
+    return DTYPES[dtype]
+
+
+def load(model_id: str, device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = "auto",
+         revision: str | None = None) -> Loaded:
+    """Load a causal LM (Hub id, local directory, or an embedded name such as `smollm2-135m`) + tokenizer.
+
+    The architecture is checked before any weight is read, so unsupported models fail at once.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    path, base = model_id, model_id
+    if is_embedded(model_id):
+        path, base = str(resolve_embedded(model_id)), EMBEDDED[model_id].hub_id
+    elif Path(model_id).exists() and not (Path(model_id) / "config.json").exists():
+        raise ModelLoadError(f"{model_id} exists but has no config.json: not a Hugging Face model directory")
+    try:
+        config = AutoConfig.from_pretrained(path, revision=revision)
+    except OSError as e:
+        raise ModelLoadError(
+            f"could not load model {model_id!r}: {str(e).splitlines()[0]}\nFix: check the name, log in with "
+            f"`hf auth login` for gated models, pre-download it (HF_HOME cache) when offline, or pass a local "
+            f"directory. The embedded offline model is `smollm2-135m`.") from e
+    family = family_for(config)
+    model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dt)
+    model.to(dev).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    if Path(path).is_dir():
+        base = getattr(config, "_name_or_path", None) or base
+        if base == path and (Path(path) / "pruning.json").exists():
+            base = _base_of_checkpoint(path)
+    return Loaded(model=model, tokenizer=tokenizer, family=family, model_id=model_id, path=str(path),
+                  base_model=str(base if not is_embedded(model_id) else EMBEDDED[model_id].hub_id), revision=revision)
+
+
+def _base_of_checkpoint(path: str) -> str:
+    import json
+
+    return json.loads((Path(path) / "pruning.json").read_text()).get("plan", {}).get("base_model") or path
+
+
+def calibration_tokens(tokenizer: Any, recipe: ResolvedRecipe, explicit_source: bool = True) -> tuple[torch.Tensor, dict]:
+    """[nsamples, seqlen] calibration tokens as the recipe asks, and a description for provenance."""
+    cal = recipe.recipe.calibration
+    source = data.resolve_default(cal.source, explicit=explicit_source)
+    tokens, resolved = data.calibration_tokens(tokenizer, source, nsamples=cal.nsamples, seqlen=cal.seqlen,
+                                               seed=cal.seed, text_field=cal.text_field, split=cal.split)
+    desc = resolved.to_dict()
+    desc.update(nsamples=cal.nsamples, seqlen=cal.seqlen, seed=cal.seed)
+    return tokens, desc
+
+
+def make_plan(model: nn.Module, recipe: ResolvedRecipe, tokens: torch.Tensor | None = None,
+              family: Family | None = None, base_model: str | None = None, device: str | torch.device | None = None,
+              offload: bool = False, progress: bool = True) -> Plan:
+    """Score and decide: the Plan for `model` under `recipe` (no weights are edited)."""
+    family = family or family_for(model.config)
+    spec = get_pruner(recipe.method)
+    if spec.needs_calibration and tokens is None:
+        raise ValueError(f"method {recipe.method!r} needs calibration tokens")
+    cal = recipe.recipe.calibration
+    ctx = PruneContext(model=model, family=family, sparsity=recipe.recipe.sparsity, tokens=tokens,
+                       batch_size=cal.batch_size, device=device, offload=offload, seed=cal.seed, progress=progress)
+    torch.manual_seed(cal.seed)
+    plan = spec.plan(ctx, recipe.options)
+    plan.method = recipe.method
+    plan.family = family.name
+    plan.recipe = recipe.to_dict()
+    plan.base_model = base_model or getattr(model, "name_or_path", None) or None
+    return plan
+
+
+def prune(model: nn.Module, recipe: ResolvedRecipe | str, tokenizer: Any = None,
+          calibration: torch.Tensor | None = None, progress: bool = True) -> tuple[nn.Module, Plan]:
+    """Plan and apply in one call: returns (pruned model, plan). The input model is not modified."""
+    recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
+    family = family_for(model.config)
+    if calibration is None and get_pruner(recipe.method).needs_calibration:
+        if tokenizer is None:
+            raise ValueError("pass a tokenizer (to read the recipe's calibration text) or calibration tokens")
+        calibration, _ = calibration_tokens(tokenizer, recipe)
+    plan = make_plan(model, recipe, calibration, family=family, progress=progress)
+    return surgery.apply(model, plan, family), plan
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # parameters() de-duplicates tied weights
+
+
+@dataclass
+class RunResult:
+    out: Path
+    plan: Plan
+    params: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def run(model_id: str, recipe: ResolvedRecipe, out: str | Path, *, device: str = "auto", dtype: str = "auto",
+        overwrite: bool = False, explicit_source: bool = True, offload: bool = False, revision: str | None = None,
+        progress: bool = True, command: str | None = None) -> RunResult:
+    """The main job: load → calibrate → plan → apply → save. Returns where it went and the numbers."""
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    check_output_dir(out, overwrite)  # before any expensive work
+    loaded = load(model_id, device=device, dtype=dtype, revision=revision)
+    timings["load_s"] = time.perf_counter() - t0
+    tokens, cal_desc = None, None
+    if get_pruner(recipe.method).needs_calibration:
+        t = time.perf_counter()
+        tokens, cal_desc = calibration_tokens(loaded.tokenizer, recipe, explicit_source=explicit_source)
+        timings["data_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    plan = make_plan(loaded.model, recipe, tokens, family=loaded.family, base_model=loaded.base_model,
+                     offload=offload, progress=progress)
+    plan.base_revision = revision
+    timings["plan_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    total_before = count_params(loaded.model)
+    pruned = surgery.apply(loaded.model, plan, loaded.family)
+    del loaded.model
+    timings["apply_s"] = time.perf_counter() - t
+    params = params_summary(plan, total_before, count_params(pruned))
+    t = time.perf_counter()
+    info = {
+        "params": params,
+        "provenance": provenance(loaded, recipe, cal_desc, command, dtype=str(next(pruned.parameters()).dtype)),
+        "timings": timings,
+    }
+    save_pruned(pruned, loaded.tokenizer, out, plan, info=info, overwrite=overwrite)
+    timings["save_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t0
+    return RunResult(out=Path(out), plan=plan, params=params, timings=timings)
+
+
+def params_summary(plan: Plan, total_before: int, total_after: int) -> dict[str, Any]:
+    return {
+        "linear_before": plan.params_before(), "linear_after": plan.params_after(), "sparsity": plan.sparsity(),
+        "total_before": total_before, "total_after": total_after,
+        "total_sparsity": 1.0 - total_after / total_before if total_before else 0.0,
+    }
+
+
+def provenance(loaded: Loaded, recipe: ResolvedRecipe, calibration: dict | None, command: str | None,
+               dtype: str) -> dict[str, Any]:
+    import transformers
+
+    prov: dict[str, Any] = {
+        "llmprune_version": __version__, "created": now_iso(), "base_model": loaded.base_model,
+        "model_arg": loaded.model_id, "revision": loaded.revision, "recipe_origin": recipe.origin,
+        "method": recipe.method, "seed": recipe.recipe.calibration.seed, "calibration": calibration,
+        "command": command, "dtype": dtype,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+    }
+    if is_embedded(loaded.model_id):
+        prov["embedded"] = {"name": loaded.model_id, "requirement": EMBEDDED[loaded.model_id].requirement,
+                            "note": EMBEDDED[loaded.model_id].note}
+    return prov
+
+
+def eval_perplexity(model: nn.Module, tokenizer: Any, source: str = "wikitext2", seqlen: int = 512,
+                    split: str = "test", explicit_source: bool = True, max_windows: int | None = None,
+                    batch_size: int = 1, text_field: str = "text", progress: bool = True) -> tuple[PerplexityResult, dict]:
+    """Perplexity on a named dataset or local text; returns the result and the resolved source."""
+    source = data.resolve_default(source, explicit=explicit_source)
+    tokens, resolved = data.eval_tokens(tokenizer, source, split=split, text_field=text_field)
+    res = perplexity(model, tokens, seqlen=seqlen, batch_size=batch_size, max_windows=max_windows, progress=progress)
+    return res, resolved.to_dict()
+
+
+__all__ = ["Loaded", "ModelLoadError", "RunResult", "calibration_tokens", "count_params", "eval_perplexity", "load",
+           "load_pruned", "make_plan", "params_summary", "provenance", "prune", "resolve_device", "resolve_dtype",
+           "run", "save_pruned"]

@@ -1,0 +1,122 @@
+"""Run a model one decoder block at a time on a calibration batch.
+
+Capture: every decoder layer is temporarily replaced by a recorder that stores *everything* the
+model passes it (all args and kwargs: attention masks, position ids, position_embeddings, ...)
+and passes the hidden states straight through, so one cheap forward captures block 0's input and
+every layer's own kwargs (layers of different types — full vs sliding attention — get their own
+masks). Then `run(i)` executes block i on the current hidden states, micro-batch by micro-batch.
+Peak memory is one block plus the activations; with `offload=True` the blocks live on the CPU
+and visit the compute device one at a time.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..families import Family
+
+
+class _StopForward(Exception):
+    """Raised by the last recorder: nothing after the decoder stack is needed."""
+
+
+class _Recorder(nn.Module):
+    def __init__(self, index: int, last: bool, sink: Callable[[int, torch.Tensor, tuple, dict], None]):
+        super().__init__()
+        self.index, self.last, self.sink = index, last, sink
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.sink(self.index, hidden_states, args, kwargs)
+        if self.last:
+            raise _StopForward
+        return hidden_states
+
+
+class BlockWalker:
+    """Holds the current block inputs (one tensor per micro-batch) and runs blocks on them.
+
+    tokens: [N, T] int64 calibration batch, split into micro-batches of `batch_size` rows.
+    hidden: list of [b, T, d] tensors, the input of the next block to run.
+    """
+
+    def __init__(self, model: nn.Module, family: Family, tokens: torch.Tensor, batch_size: int = 8,
+                 device: torch.device | str | None = None, offload: bool = False):
+        if tokens.ndim != 2:
+            raise ValueError(f"calibration tokens must be [nsamples, seqlen], got shape {tuple(tokens.shape)}")
+        self.model, self.family, self.offload = model, family, offload
+        self.layers = family.layers(model)
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.store = torch.device("cpu") if offload else self.device
+        self.batches = list(tokens.split(max(1, batch_size)))
+        self.hidden: list[torch.Tensor] = []
+        self.layer_args: list[list[tuple[tuple, dict]]] = [[] for _ in self.layers]  # [layer][batch]
+        self._capture()
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(b.numel() for b in self.batches)
+
+    @torch.no_grad()
+    def _capture(self) -> None:
+        originals = list(self.layers)
+        n = len(originals)
+
+        def sink(i: int, h: torch.Tensor, args: tuple, kwargs: dict) -> None:
+            if i == 0:
+                self.hidden.append(h.to(self.store))
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
+            self.layer_args[i].append((args, kwargs))
+
+        for i in range(n):
+            self.layers[i] = _Recorder(i, i == n - 1, sink)
+        # With offload the blocks stay home; only the small rest (embeddings, rotary, head) visits the
+        # compute device for the capture. The recorders own no parameters, so .to() skips the blocks.
+        home = next(self.model.parameters()).device
+        if self.offload:
+            self.model.to(self.device)
+        try:
+            for batch in self.batches:
+                try:
+                    self.model(input_ids=batch.to(self.device), use_cache=False)
+                except _StopForward:
+                    pass
+        finally:
+            if self.offload:
+                self.model.to(home)
+            for i, layer in enumerate(originals):
+                self.layers[i] = layer
+
+    # ---- running blocks ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, i: int, hidden: list[torch.Tensor] | None = None, layer: nn.Module | None = None) -> list[torch.Tensor]:
+        """Run block `i` (or a stand-in `layer`) on `hidden` (default: the current inputs); return its outputs."""
+        layer = self.layers[i] if layer is None else layer
+        hidden = self.hidden if hidden is None else hidden
+        home = None
+        if self.offload:
+            home = next(layer.parameters()).device
+            layer.to(self.device)
+        outs = []
+        try:
+            for h, (args, kwargs) in zip(hidden, self.layer_args[i]):
+                out = layer(h.to(self.device), *args, **kwargs)
+                out = out[0] if isinstance(out, tuple) else out
+                outs.append(out.to(self.store))
+        finally:
+            if home is not None:
+                layer.to(home)
+        return outs
+
+    def advance(self, outputs: list[torch.Tensor]) -> None:
+        """The given block outputs become the inputs of the next block."""
+        self.hidden = outputs
+
+    @torch.no_grad()
+    def logits(self, hidden: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Final norm + LM head on the given last-block outputs: list of [b, T, vocab]."""
+        hidden = self.hidden if hidden is None else hidden
+        norm, head = self.family.final_norm(self.model), self.family.lm_head(self.model)
+        return [head(norm(h.to(self.device))) for h in hidden]

@@ -1,0 +1,35 @@
+"""Pruners: an explicit registry name -> (config model, planning function)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+
+from ..plan import Plan
+from .common import PruneContext, plan_from_keeps
+from .magnitude import MagnitudeConfig, plan_magnitude
+
+
+@dataclass(frozen=True)
+class PrunerSpec:
+    name: str
+    config: type[BaseModel]
+    plan: Callable[[PruneContext, BaseModel], Plan]
+    needs_calibration: bool
+    summary: str
+
+
+PRUNERS: dict[str, PrunerSpec] = {
+    "magnitude": PrunerSpec("magnitude", MagnitudeConfig, plan_magnitude, needs_calibration=False,
+                            summary="KV groups and FFN channels by weight norm, uniform per layer (baseline)"),
+}
+
+
+def get_pruner(name: str) -> PrunerSpec:
+    if name not in PRUNERS:
+        raise KeyError(f"unknown pruning method {name!r}; available: {', '.join(sorted(PRUNERS))}")
+    return PRUNERS[name]
+
+
+__all__ = ["PRUNERS", "PruneContext", "PrunerSpec", "get_pruner", "plan_from_keeps"]

@@ -1,0 +1,81 @@
+"""Shared pieces of the pruners: the context they run in and turning keep-decisions into a Plan."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+from torch import nn
+
+from ..calibrate.stats import Stats, site_name
+from ..families import Family
+from ..families.base import Geometry
+from ..plan import AttnPlan, LayerPlan, MlpPlan, Plan, attn_kept_channels, removed_indices
+from .allocate import LayerKeep
+
+
+@dataclass
+class PruneContext:
+    """Everything a pruner may use. `tokens` is None when the pruner needs no calibration data."""
+
+    model: nn.Module
+    family: Family
+    sparsity: float
+    tokens: torch.Tensor | None = None  # [nsamples, seqlen] int64
+    batch_size: int = 8
+    device: torch.device | str | None = None
+    offload: bool = False
+    seed: int = 0
+    progress: bool = True
+    extras: dict = field(default_factory=dict)
+
+    @cached_property
+    def geometry(self) -> list[Geometry]:
+        return self.family.geometry(self.model)
+
+    def require_tokens(self) -> torch.Tensor:
+        if self.tokens is None:
+            raise ValueError("this pruner needs calibration data, but none was given")
+        return self.tokens
+
+
+def plan_from_keeps(geometry: list[Geometry], keeps: list[LayerKeep], method: str,
+                    stats: Stats | None = None, compensate: bool = False) -> Plan:
+    """A Plan from per-layer kept units. An empty keep list drops the whole sublayer.
+
+    With `compensate`, removed o_proj / down_proj input channels are replaced by a bias made of
+    their calibration means (FLAP): needs `stats` with `attn.o_in` / `mlp.down_in` moments.
+    """
+    plan = Plan.identity(geometry, method=method)
+    for i, (g, k) in enumerate(zip(geometry, keeps)):
+        lp = LayerPlan()
+        if k.kv_groups is not None and g.has_attn:
+            if not k.kv_groups:
+                lp.attn = AttnPlan(drop=True)
+            elif len(k.kv_groups) < g.n_kv_heads:
+                lp.attn = AttnPlan(keep_kv_groups=list(k.kv_groups))
+                if compensate:
+                    removed = removed_indices(attn_kept_channels(g, lp.attn), g.n_q_heads * g.head_dim)
+                    lp.attn.compensate = _means(stats, site_name(i, "attn.o_in"), removed)
+        if k.channels is not None and g.has_mlp:
+            if not k.channels:
+                lp.mlp = MlpPlan(drop=True)
+            elif len(k.channels) < g.intermediate:
+                lp.mlp = MlpPlan(keep_channels=list(k.channels))
+                if compensate:
+                    removed = removed_indices(k.channels, g.intermediate)
+                    lp.mlp.compensate = _means(stats, site_name(i, "mlp.down_in"), removed)
+        if not g.has_attn:
+            lp.attn = AttnPlan(drop=True)
+        if not g.has_mlp:
+            lp.mlp = MlpPlan(drop=True)
+        plan.layers[i] = lp
+    plan.validate()
+    return plan
+
+
+def _means(stats: Stats | None, site: str, removed: list[int]) -> list[float]:
+    if stats is None:
+        raise ValueError("bias compensation needs calibration statistics")
+    mean = stats[site].mean
+    return [float(v) for v in mean[removed].tolist()]

@@ -1,0 +1,102 @@
+"""Streaming statistics and the block-by-block walker."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from llmprune.calibrate import BlockWalker, RunningMoments, calibrate
+from llmprune.calibrate.stats import BlockSimilarity
+from llmprune.families import family_for
+
+from .conftest import make_model
+
+
+def test_running_moments_equal_torch_on_concatenated_data():
+    g = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(n, 7, generator=g, dtype=torch.float32) * 3 + 1 for n in (5, 1, 17, 2)]
+    acc = RunningMoments()
+    for c in chunks:
+        acc.update(c.to(torch.bfloat16).float())  # low-precision inputs: accumulation is still float64
+    allx = torch.cat([c.to(torch.bfloat16).double() for c in chunks])
+    assert acc.count == allx.shape[0]
+    torch.testing.assert_close(acc.mean, allx.mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(acc.var(), allx.var(0, unbiased=True), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(acc.sumsq(), (allx**2).sum(0), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(acc.l2(), allx.norm(dim=0), rtol=1e-10, atol=1e-10)
+
+
+def test_running_moments_merge_is_order_independent():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(9, 4, generator=g), torch.randn(3, 4, generator=g) + 5
+    x, y = RunningMoments(), RunningMoments()
+    x.update(a), x.update(b)
+    y.update(b), y.update(a)
+    torch.testing.assert_close(x.mean, y.mean)
+    torch.testing.assert_close(x.m2, y.m2)
+
+
+def test_empty_site_raises():
+    with pytest.raises(ValueError, match="no data"):
+        RunningMoments().var()
+
+
+def test_walker_reproduces_full_forward(tiny_model, tokens):
+    fam = family_for(tiny_model.config)
+    ref = tiny_model(tokens).logits
+    walker = BlockWalker(tiny_model, fam, tokens, batch_size=3)  # uneven micro-batches: 3 + 1
+    for i in range(len(walker.layers)):
+        walker.advance(walker.run(i))
+    out = torch.cat(walker.logits())
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_walker_captures_per_layer_masks_for_sliding_layers(tokens):
+    model = make_model("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    assert model.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+    walker = BlockWalker(model, family_for(model.config), tokens, batch_size=4)
+    for i in range(3):
+        walker.advance(walker.run(i))
+    torch.testing.assert_close(torch.cat(walker.logits()), model(tokens).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_calibrate_moments_equal_direct_hooks(tiny_model, tokens):
+    """Statistics from the block walk equal those of the inputs captured in one plain forward."""
+    fam = family_for(tiny_model.config)
+    seen: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    for i in range(len(fam.layers(tiny_model))):
+        b = fam.block(tiny_model, i)
+        for site, mod in ((f"L{i}.attn.o_in", b.attn.o), (f"L{i}.mlp.down_in", b.mlp.down)):
+            handles.append(mod.register_forward_pre_hook(
+                lambda _m, args, site=site: seen.setdefault(site, []).append(args[0].detach().reshape(-1, args[0].shape[-1]))))
+    tiny_model(tokens)
+    for h in handles:
+        h.remove()
+    stats = calibrate(tiny_model, tokens, sites=("attn.o_in", "mlp.down_in", "block"), batch_size=3, progress=False)
+    assert stats.n_tokens == tokens.numel()
+    for site, xs in seen.items():
+        allx = torch.cat(xs).double()
+        torch.testing.assert_close(stats[site].mean, allx.mean(0), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(stats[site].var(), allx.var(0), rtol=1e-5, atol=1e-6)
+    sim = stats.block(1)
+    assert sim.count == tokens.numel() and 0.0 < sim.angular_mean < 0.5
+
+
+def test_block_similarity_values():
+    acc = BlockSimilarity()
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    y = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # same, orthogonal, zero input (NaN cosine)
+    acc.update(x, y)
+    assert acc.count == 3
+    assert math.isclose(acc.angular_sum, 0.0 + 0.5 + 0.5)
+    assert math.isclose(acc.one_minus_cos_sum, 0.0 + 1.0 + 1.0)
+
+
+def test_offload_walk_matches(tokens):
+    model = make_model("llama")
+    fam = family_for(model.config)
+    a = calibrate(model, tokens, sites=("mlp.down_in",), family=fam, progress=False)
+    b = calibrate(model, tokens, sites=("mlp.down_in",), family=fam, offload=True, progress=False)
+    torch.testing.assert_close(a["L2.mlp.down_in"].mean, b["L2.mlp.down_in"].mean)
