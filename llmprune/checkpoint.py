@@ -68,6 +68,7 @@ def save_pruned(model: nn.Module, tokenizer: Any, out: str | Path, plan: Plan, i
             tokenizer.save_pretrained(tmp)
         _finish_config(tmp, model)
         doc = {"format": CHECKPOINT_FORMAT, "llmprune_version": __version__, "plan": plan.to_dict()}
+        doc.update(plan.extras)  # method reports (e.g. FinerCut's removal_order) also sit at the top level
         doc.update(info or {})
         (tmp / PRUNING_FILE).write_text(json.dumps(doc, indent=1, default=_json_default) + "\n")
         if plan.recipe:
