@@ -108,6 +108,10 @@ def test_generate_after_dropping_attention(tiny_model):
     no_cache = pruned.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False)
     assert with_cache.shape == (1, 12)
     assert torch.equal(with_cache, no_cache)
+    static = pruned.generate(prompt, max_new_tokens=8, do_sample=False, cache_implementation="static")
+    assert torch.equal(static, no_cache)
+    pruned.config._attn_implementation = "eager"  # the per-layer attention modules follow the live config
+    assert torch.equal(pruned.generate(prompt, max_new_tokens=8, do_sample=False), no_cache)
 
 
 def test_whole_block_removal_renumbers_and_stays_stock(tokens):
