@@ -18,6 +18,8 @@ from .api import Loaded, calibration_tokens, eval_perplexity, load, make_plan, p
 from .calibrate import Stats, calibrate  # noqa: E402
 from .checkpoint import load_pruned, save_pruned  # noqa: E402
 from .families import Geometry, family_for  # noqa: E402
+from .hub import push_to_hub  # noqa: E402
+from .modelcard import build_model_card  # noqa: E402
 from .plan import AttnPlan, LayerPlan, MlpPlan, Plan  # noqa: E402
 from .recipe import load_recipe  # noqa: E402
 from .surgery import apply, simulate  # noqa: E402
@@ -25,3 +27,4 @@ from .surgery import apply, simulate  # noqa: E402
 __all__ = ["AttnPlan", "Geometry", "LayerPlan", "Loaded", "MlpPlan", "Plan", "Stats", "__version__", "apply",
            "calibrate", "calibration_tokens", "eval_perplexity", "family_for", "load", "load_pruned",
            "load_recipe", "make_plan", "prune", "run", "save_pruned", "simulate"]
+__all__ += ["build_model_card", "push_to_hub"]  # publishing (hub.py, modelcard.py)

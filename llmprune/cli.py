@@ -5,6 +5,7 @@
     llmprune apply   --model M --plan plan.json -o DIR        base model + plan -> checkpoint
     llmprune inspect PATH                                     per-layer structure of a checkpoint or plan
     llmprune eval    DIR [--data SRC] [--seqlen L]            perplexity (more evaluations: see README)
+    llmprune push    DIR REPO_ID [--private] [--revision B]   upload a checkpoint + model card to the Hub
 """
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-SUBCOMMANDS = ("plan", "apply", "inspect", "eval")
+SUBCOMMANDS = ("plan", "apply", "inspect", "eval", "push")
 EPILOG = """subcommands (run `llmprune SUBCOMMAND --help`):
   plan      decide what to remove and write plan.json (no weights are edited)
   apply     apply a plan.json to its base model and save the checkpoint
   inspect   print a checkpoint's or plan's per-layer structure and parameter counts
   eval      perplexity of a checkpoint (or any model) on a dataset or local text
+  push      upload a checkpoint and its generated model card to the Hugging Face Hub (one commit)
 
 examples:
   llmprune --model smollm2-135m --recipe magnitude --sparsity 0.2 -o out/
@@ -68,8 +70,21 @@ def build_main_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_recipe_args(p)
     _add_output_args(p, "directory for the pruned checkpoint")
+    _add_push_args(p)
     _add_common(p)
     return p
+
+
+def _add_push_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("publishing (see `llmprune push --help`)")
+    g.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="after a successful save, upload the "
+                   "checkpoint and its model card to this Hub repo (token checked before pruning starts)")
+    g.add_argument("--hub-private", action="store_true", help="create the Hub repo as private")
+    g.add_argument("--hub-revision", default=None, metavar="BRANCH", help="push to this branch (created if new)")
+    g.add_argument("--hub-token", default=None, help="Hub token (default: HF_TOKEN, then `hf auth login`); "
+                   "never recorded in pruning.json")
+    g.add_argument("--hub-endpoint", default=None, metavar="URL", help="Hub URL (default: $HF_ENDPOINT or "
+                   "https://huggingface.co)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -107,6 +122,23 @@ def build_sub_parser(name: str) -> argparse.ArgumentParser:
         p.add_argument("--baseline", default=None, help="also evaluate this model (e.g. the dense base) for comparison")
         p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
         p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: float32 on CPU)")
+    elif name == "push":
+        p = argparse.ArgumentParser(prog="llmprune push", description="Upload a pruned checkpoint to the Hugging "
+                                    "Face Hub in one commit, with a generated model card (README.md, also written "
+                                    "into DIR). Token: --token, else HF_TOKEN, else the `hf auth login` cache.")
+        p.add_argument("path", help="checkpoint directory (written by `llmprune ... -o DIR`)")
+        p.add_argument("repo_id", help="Hub repo, NAMESPACE/NAME (a bare NAME goes to your own namespace)")
+        p.add_argument("--private", action="store_true", help="create the repo as private (an existing public "
+                       "repo is refused, not silently published to)")
+        p.add_argument("--revision", default=None, metavar="BRANCH", help="branch to commit to (created from main "
+                       "if new; default main)")
+        p.add_argument("--token", default=None, help="Hub token with write access (default: HF_TOKEN, then the "
+                       "`hf auth login` cache)")
+        p.add_argument("--endpoint", default=None, metavar="URL", help="Hub URL (default: $HF_ENDPOINT or "
+                       "https://huggingface.co)")
+        p.add_argument("--commit-message", default=None, help="commit title (default: method, sparsity, base)")
+        p.add_argument("--dry-run", action="store_true", help="write README.md and list what would be uploaded; "
+                       "no network")
     else:  # pragma: no cover - guarded by SUBCOMMANDS
         raise ValueError(name)
     _add_common(p)
@@ -127,12 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     from .prune.allocate import BudgetError
     from .recipe import RecipeError
     from .api import ModelLoadError
+    from .hub import PushError
 
     handled = (RecipeError, DataError, UnsupportedModelError, PlanError, CheckpointError, BudgetError,
-               ModelLoadError, ValueError, FileNotFoundError)
+               ModelLoadError, PushError, ValueError, FileNotFoundError)
     try:
         return {"run": cmd_run, "plan": cmd_plan, "apply": cmd_apply, "inspect": cmd_inspect,
-                "eval": cmd_eval}[name](args, argv)
+                "eval": cmd_eval, "push": cmd_push}[name](args, argv)
     except handled as e:
         if os.environ.get("LLMPRUNE_DEBUG"):
             raise
@@ -180,12 +213,62 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     from . import api
 
     recipe, explicit = _recipe_from_args(args)
+    if args.push_to_hub:  # fail on a missing/invalid token now, not after an hour of pruning
+        from .hub import preflight
+
+        preflight(args.push_to_hub, token=args.hub_token, endpoint=args.hub_endpoint)
     res = api.run(args.model, recipe, args.output, device=args.device, dtype=args.dtype, overwrite=args.overwrite,
                   explicit_source=explicit, offload=args.offload, revision=args.revision, progress=not args.quiet,
-                  command="llmprune " + shlex.join(argv))
+                  command="llmprune " + shlex.join(_redact_secrets(argv)))
     if not args.quiet:
         print(res.plan.summary())
     print(summary_table(res.params, res.timings["total_s"], res.out))
+    if args.push_to_hub:
+        from .hub import PushError, push_to_hub
+
+        try:
+            pushed = push_to_hub(res.out, args.push_to_hub, private=args.hub_private, revision=args.hub_revision,
+                                 token=args.hub_token, endpoint=args.hub_endpoint)
+        except PushError as e:
+            raise PushError(f"{e}\nThe checkpoint is saved in {res.out}; to retry only the upload: "
+                            f"llmprune push {shlex.quote(str(res.out))} {args.push_to_hub}") from e
+        print(_pushed_line(pushed))
+    return 0
+
+
+def _redact_secrets(argv: list[str]) -> list[str]:
+    """The command recorded in pruning.json (and shown in the public model card) must not hold a token."""
+    out, hide = [], False
+    for a in argv:
+        if hide:
+            out.append("***")
+            hide = False
+        elif a in ("--hub-token", "--token"):
+            out.append(a)
+            hide = True
+        elif a.startswith(("--hub-token=", "--token=")):
+            out.append(a.split("=", 1)[0] + "=***")
+        else:
+            out.append(a)
+    return out
+
+
+def _pushed_line(r: Any) -> str:
+    return f"pushed {len(r.files)} files to {r.repo_url} (branch {r.revision}, commit {r.commit_url})"
+
+
+def cmd_push(args: argparse.Namespace, argv: list[str]) -> int:
+    from .hub import push_to_hub
+
+    r = push_to_hub(args.path, args.repo_id, private=args.private, revision=args.revision, token=args.token,
+                    endpoint=args.endpoint, commit_message=args.commit_message, dry_run=args.dry_run)
+    if r.dry_run:
+        card = "README.md written" if r.card_written else "README.md kept (not generated by llmprune)"
+        print(f"dry run: {card}; would upload {len(r.files)} files to {r.repo_id}@{r.revision} in one commit:")
+        for f in r.files:
+            print(f"  {f}")
+    else:
+        print(_pushed_line(r))
     return 0
 
 
