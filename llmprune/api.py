@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 import time
@@ -264,10 +265,16 @@ def run_eval(model: str | nn.Module, request: EvalRequest, *, tokenizer: Any = N
                                   resolve_baseline)
 
     old = load_report(report_dir) if report_dir is not None else None  # a broken report fails before any work
+    request = dataclasses.replace(request)  # resolved below; the caller's object stays as it was
     if isinstance(model, str):
         check_model_path(model)
         request.baseline = resolve_baseline(request.baseline, model if Path(model).is_dir() else None)
-        loaded = load(model, device=device, dtype=dtype)
+        try:
+            loaded = load(model, device=device, dtype=dtype)
+        except ModelLoadError as e:
+            if Path(model).exists() or is_embedded(model):
+                raise
+            raise ModelLoadError(f"no local directory {model!r} exists, and as a Hub model id: {e}") from e
         name = name or model
         m, tok = loaded.model, loaded.tokenizer
         del loaded
@@ -288,6 +295,7 @@ def run_eval(model: str | nn.Module, request: EvalRequest, *, tokenizer: Any = N
     report = merge_reports(old, run_report)
     if report_dir is not None:
         save_report(report_dir, report)
+        report = load_report(report_dir) or report  # exactly what report.json holds
     return EvalOutcome(report=report, run=merge_reports(None, run_report))
 
 
@@ -302,9 +310,10 @@ def run_bench(path: str | Path, baseline: str | None = "base", settings: BenchSe
     settings = settings or BenchSettings()
     settings.validate()
     path = str(path)
-    check_model_path(path)
     if not Path(path).is_dir():
-        raise CheckpointError(f"{path} is not a checkpoint directory")
+        raise CheckpointError(f"checkpoint directory {path} does not exist" if not Path(path).exists() else
+                              f"{path} is not a checkpoint directory")
+    check_model_path(path)
     report_dir = Path(report_dir) if report_dir is not None else Path(path)
     base_spec = resolve_baseline(baseline or "base", path)
     assert base_spec is not None
@@ -320,9 +329,8 @@ def run_bench(path: str | Path, baseline: str | None = "base", settings: BenchSe
     attn = getattr(pruned.model.config, "_attn_implementation", None)
     report = new_report(path, base_spec, environment(dev, dt, attn_implementation=attn))
     report["speed"] = section
-    report = merge_reports(old, report)
-    save_report(report_dir, report)
-    return report
+    save_report(report_dir, merge_reports(old, report))
+    return load_report(report_dir) or report  # exactly what report.json holds
 
 
 __all__ = ["EvalOutcome", "Loaded", "ModelLoadError", "RunResult", "calibration_tokens", "count_params", "eval_perplexity", "load",

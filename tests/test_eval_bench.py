@@ -112,7 +112,11 @@ def test_timing_interleaves_and_summarises():
 def test_bench_errors(tmp_path, pair, tiny_tokenizer, capsys):
     base_dir, ckpt, _ = pair
     assert main(["bench", str(tmp_path / "nope"), "--baseline", str(base_dir)]) == 2
+    assert "checkpoint directory" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "nope"), "--data", "python-docs"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["eval", str(ckpt), "--baseline", str(tmp_path / "missing-dense"), "--data", "python-docs"]) == 2
+    assert "missing-dense does not exist" in capsys.readouterr().err
     assert main(["bench", str(ckpt), "--batch-sizes", "1,x"]) == 2
     assert "comma-separated integers" in capsys.readouterr().err
     assert main(["bench", str(ckpt), "--repeats", "0"]) == 2

@@ -117,3 +117,12 @@ def test_baseline_results_are_cached_in_the_report(tmp_path, model_dir, tiny_tok
     other.perplexity.seqlen = 8  # different settings: a new cache entry
     third = api.run_eval(str(ckpt), other, report_dir=ckpt).report
     assert loads[5:] == [str(ckpt), str(model_dir)] and len(third["baseline_cache"]) == 2
+
+
+def test_report_json_is_strict_json(tmp_path):
+    rep = new_report("m", None, {})
+    rep["tasks"] = {"a": {**_task(0.5, 0.8), "stderr": float("nan")}}
+    rep["speed"] = {"prefill_speedup": float("inf"), "runs": []}
+    save_report(tmp_path, rep)
+    doc = json.loads((tmp_path / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert doc["tasks"]["a"]["stderr"] is None and doc["speed"]["prefill_speedup"] is None

@@ -149,14 +149,14 @@ def save_report(directory: str | Path, report: dict[str, Any], figure: bool = Tr
     if not d.is_dir():
         raise ReportError(f"report directory {d} does not exist")
     written = []
-    report = finalize(report)
+    report = _finite(finalize(report))
     png = d / REPORT_PNG
     if figure and render_figure(report, png):
         report["figures"] = [REPORT_PNG]
         written.append(png)
     else:
         report.pop("figures", None)
-    _atomic_write(d / REPORT_JSON, json.dumps(report, indent=1, default=_json_default) + "\n")
+    _atomic_write(d / REPORT_JSON, json.dumps(report, indent=1, default=_json_default, allow_nan=False) + "\n")
     _atomic_write(d / REPORT_MD, render_markdown(report, _pruning_params(d)))
     written[:0] = [d / REPORT_JSON, d / REPORT_MD]
     if (d / PRUNING_FILE).exists():
@@ -173,9 +173,18 @@ def _atomic_write(path: Path, text: str) -> None:
 def _json_default(o: Any) -> Any:
     if isinstance(o, (Path, torch.dtype, torch.device)):
         return str(o)
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def _finite(o: Any) -> Any:
+    """The report with NaN / ±inf replaced by null, so report.json is strict JSON."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
 
 
 def _pruning_params(d: Path) -> dict[str, Any] | None:

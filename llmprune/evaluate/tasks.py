@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,8 +224,8 @@ def score_from_results(res: dict[str, Any], req: TaskRequest) -> TaskScore:
     values: dict[str, float] = {}
     stderrs: dict[str, float] = {}
     for key, val in row.items():
-        if "," not in key or not isinstance(val, (int, float)) or isinstance(val, bool):
-            continue
+        if "," not in key or not isinstance(val, (int, float)) or isinstance(val, bool) or not math.isfinite(val):
+            continue  # "N/A" stderrs, NaN, and non-metric fields such as alias / sample_len
         metric, filt = key.split(",", 1)
         name = metric if filt == "none" else f"{metric},{filt}"
         if metric.endswith("_stderr"):
