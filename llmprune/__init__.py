@@ -14,7 +14,7 @@ from .modeling import register as _register
 
 _register()  # `llmprune_llama` checkpoints load through the Auto classes without trust_remote_code
 
-from .api import Loaded, calibration_tokens, eval_perplexity, load, make_plan, prune, run  # noqa: E402
+from .api import Loaded, calibration_tokens, eval_perplexity, load, make_plan, prune, run, run_bench, run_eval  # noqa: E402,E501
 from .calibrate import Stats, calibrate  # noqa: E402
 from .checkpoint import load_pruned, save_pruned  # noqa: E402
 from .families import Geometry, family_for  # noqa: E402
@@ -26,5 +26,5 @@ from .surgery import apply, simulate  # noqa: E402
 
 __all__ = ["AttnPlan", "Geometry", "LayerPlan", "Loaded", "MlpPlan", "Plan", "Stats", "__version__", "apply",
            "calibrate", "calibration_tokens", "eval_perplexity", "family_for", "load", "load_pruned",
-           "load_recipe", "make_plan", "prune", "run", "save_pruned", "simulate"]
+           "load_recipe", "make_plan", "prune", "run", "run_bench", "run_eval", "save_pruned", "simulate"]
 __all__ += ["build_model_card", "push_to_hub"]  # publishing (hub.py, modelcard.py)

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 import time
@@ -18,9 +19,11 @@ import torch
 from torch import nn
 
 from . import __version__, data, surgery
-from .checkpoint import check_output_dir, load_pruned, now_iso, save_pruned
+from .checkpoint import CheckpointError, check_output_dir, load_pruned, now_iso, save_pruned
 from .embedded import EMBEDDED, is_embedded, resolve_embedded
+from .evaluate.bench import BenchSettings
 from .evaluate.perplexity import PerplexityResult, perplexity
+from .evaluate.runner import EvalRequest
 from .families import Family, family_for
 from .plan import Plan
 from .prune import PruneContext, get_pruner
@@ -161,11 +164,13 @@ class RunResult:
     plan: Plan
     params: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
+    model: nn.Module | None = None  # the pruned model, when run(..., keep_model=True)
+    tokenizer: Any = None
 
 
 def run(model_id: str, recipe: ResolvedRecipe, out: str | Path, *, device: str = "auto", dtype: str = "auto",
         overwrite: bool = False, explicit_source: bool = True, offload: bool = False, revision: str | None = None,
-        progress: bool = True, command: str | None = None) -> RunResult:
+        progress: bool = True, command: str | None = None, keep_model: bool = False) -> RunResult:
     """The main job: load → calibrate → plan → apply → save. Returns where it went and the numbers."""
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -197,7 +202,10 @@ def run(model_id: str, recipe: ResolvedRecipe, out: str | Path, *, device: str =
     save_pruned(pruned, loaded.tokenizer, out, plan, info=info, overwrite=overwrite)
     timings["save_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
-    return RunResult(out=Path(out), plan=plan, params=params, timings=timings)
+    res = RunResult(out=Path(out), plan=plan, params=params, timings=timings)
+    if keep_model:  # e.g. to evaluate the in-memory pruned model right after saving (--eval-tasks)
+        res.model, res.tokenizer = pruned, loaded.tokenizer
+    return res
 
 
 def params_summary(plan: Plan, total_before: int, total_after: int) -> dict[str, Any]:
@@ -236,6 +244,95 @@ def eval_perplexity(model: nn.Module, tokenizer: Any, source: str = "wikitext2",
     return res, resolved.to_dict()
 
 
-__all__ = ["Loaded", "ModelLoadError", "RunResult", "calibration_tokens", "count_params", "eval_perplexity", "load",
+@dataclass
+class EvalOutcome:
+    report: dict[str, Any]  # the whole report after merging (what report.json holds)
+    run: dict[str, Any]  # only what this call measured
+
+
+def run_eval(model: str | nn.Module, request: EvalRequest, *, tokenizer: Any = None, name: str | None = None,
+             report_dir: str | Path | None = None, device: str | torch.device | None = "auto",
+             dtype: str | torch.dtype | None = "auto", progress: bool = True) -> EvalOutcome:
+    """Perplexity and lm-eval tasks of a pruned model against `request.baseline`.
+
+    Returns this run's report sections (`.run`) and the report merged with the existing one (`.report`).
+    `model` is an in-memory model (pass its `tokenizer`), a checkpoint directory or a model id. With
+    `report_dir` the report is merged into report.json/report.md there (and pruning.json, if present);
+    baseline results cached in that report under the same settings are reused.
+    """
+    from .evaluate.report import load_report, merge_reports, save_report
+    from .evaluate.runner import (build_report, check_model_path, evaluate_baseline, evaluate_pruned, prepare,
+                                  resolve_baseline)
+
+    old = load_report(report_dir) if report_dir is not None else None  # a broken report fails before any work
+    request = dataclasses.replace(request)  # resolved below; the caller's object stays as it was
+    if isinstance(model, str):
+        check_model_path(model)
+        request.baseline = resolve_baseline(request.baseline, model if Path(model).is_dir() else None)
+        try:
+            loaded = load(model, device=device, dtype=dtype)
+        except ModelLoadError as e:
+            if Path(model).exists() or is_embedded(model):
+                raise
+            raise ModelLoadError(f"no local directory {model!r} exists, and as a Hub model id: {e}") from e
+        name = name or model
+        m, tok = loaded.model, loaded.tokenizer
+        del loaded
+    else:
+        if tokenizer is None:
+            raise ValueError("pass the tokenizer of the in-memory model")
+        request.baseline = resolve_baseline(request.baseline, report_dir)
+        m, tok, name = model, tokenizer, name or getattr(model, "name_or_path", None) or "in-memory model"
+    if request.baseline is None and old and old.get("baseline") and request.use_cache:
+        # no --baseline: the report's baseline still fills in whatever it has cached for these settings
+        request.baseline, request.cached_baseline_only = old["baseline"], True
+    dev, dt = next(m.parameters()).device, next(m.parameters()).dtype
+    tm = prepare(request, m.config, tok)
+    pruned = evaluate_pruned(m, tok, request, task_manager=tm, progress=progress)
+    del m  # the caller's reference (if any) keeps an in-memory model alive; a loaded one is freed here
+    base = evaluate_baseline(request, pruned, dev, dt, cache=(old or {}).get("baseline_cache"), progress=progress)
+    run_report = build_report(str(name), request, pruned, base, dev, dt)
+    report = merge_reports(old, run_report)
+    if report_dir is not None:
+        save_report(report_dir, report)
+        report = load_report(report_dir) or report  # exactly what report.json holds
+    return EvalOutcome(report=report, run=merge_reports(None, run_report))
+
+
+def run_bench(path: str | Path, baseline: str | None = "base", settings: BenchSettings | None = None, *,
+              device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = "auto",
+              memory: bool = True, report_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Dense vs pruned speed and memory of a checkpoint; merges the `speed` section into its report."""
+    from .evaluate.report import environment, load_report, merge_reports, new_report, save_report
+    from .evaluate.runner import check_baseline, check_model_path, resolve_baseline
+    from .evaluate.speed import bench_models
+
+    settings = settings or BenchSettings()
+    settings.validate()
+    path = str(path)
+    if not Path(path).is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist" if not Path(path).exists() else
+                              f"{path} is not a checkpoint directory")
+    check_model_path(path)
+    report_dir = Path(report_dir) if report_dir is not None else Path(path)
+    base_spec = resolve_baseline(baseline or "base", path)
+    assert base_spec is not None
+    old = load_report(report_dir)
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    pruned = load(path, device=device, dtype=dtype)
+    check_baseline(pruned.model.config, pruned.tokenizer, base_spec)
+    dense = load(base_spec, device=device, dtype=dtype)
+    section = bench_models(dense.model, pruned.model, settings, dense_spec=base_spec, pruned_spec=path,
+                           memory=memory, progress=progress)
+    dev, dt = next(pruned.model.parameters()).device, next(pruned.model.parameters()).dtype
+    attn = getattr(pruned.model.config, "_attn_implementation", None)
+    report = new_report(path, base_spec, environment(dev, dt, attn_implementation=attn))
+    report["speed"] = section
+    save_report(report_dir, merge_reports(old, report))
+    return load_report(report_dir) or report  # exactly what report.json holds
+
+
+__all__ = ["EvalOutcome", "Loaded", "ModelLoadError", "RunResult", "calibration_tokens", "count_params", "eval_perplexity", "load",
            "load_pruned", "make_plan", "params_summary", "provenance", "prune", "resolve_device", "resolve_dtype",
-           "run", "save_pruned"]
+           "run", "run_bench", "run_eval", "save_pruned"]

@@ -4,7 +4,8 @@
     llmprune plan    --model M --recipe R -o plan.json        decide only; write the Plan
     llmprune apply   --model M --plan plan.json -o DIR        base model + plan -> checkpoint
     llmprune inspect PATH                                     per-layer structure of a checkpoint or plan
-    llmprune eval    DIR [--data SRC] [--seqlen L]            perplexity (more evaluations: see README)
+    llmprune eval    DIR [--data SRC] [--tasks T,...]         perplexity and lm-eval tasks vs a baseline -> report
+    llmprune bench   DIR [--baseline MODEL]                   dense vs pruned speed and memory -> report
     llmprune push    DIR REPO_ID [--private] [--revision B]   upload a checkpoint + model card to the Hub
 """
 from __future__ import annotations
@@ -19,17 +20,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-SUBCOMMANDS = ("plan", "apply", "inspect", "eval", "push")
+SUBCOMMANDS = ("plan", "apply", "inspect", "eval", "bench", "push")
 EPILOG = """subcommands (run `llmprune SUBCOMMAND --help`):
   plan      decide what to remove and write plan.json (no weights are edited)
   apply     apply a plan.json to its base model and save the checkpoint
   inspect   print a checkpoint's or plan's per-layer structure and parameter counts
-  eval      perplexity of a checkpoint (or any model) on a dataset or local text
+  eval      perplexity and lm-eval tasks of a checkpoint (or any model), optionally vs a baseline
+  bench     dense vs pruned prefill latency, decode throughput and peak memory on this device
   push      upload a checkpoint and its generated model card to the Hugging Face Hub (one commit)
 
 examples:
   llmprune --model smollm2-135m --recipe magnitude --sparsity 0.2 -o out/
-  llmprune eval out/ --data python-docs --seqlen 256
+  llmprune eval out/ --data python-docs --seqlen 256 --tasks quick --baseline base
+  llmprune bench out/ --baseline smollm2-135m --prompt-len 256 --batch-sizes 1,4
 """
 
 
@@ -70,9 +73,24 @@ def build_main_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_recipe_args(p)
     _add_output_args(p, "directory for the pruned checkpoint")
+    _add_main_eval_args(p)
     _add_push_args(p)
     _add_common(p)
     return p
+
+
+def _add_main_eval_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("evaluation after saving (the in-memory pruned model; report written into -o DIR)")
+    g.add_argument("--eval-tasks", default=None, metavar="T,...", help="lm-eval tasks or task lists (eval/*.yaml), "
+                   "e.g. zero_shot or arc_easy,hellaswag")
+    g.add_argument("--eval-data", default=None, metavar="SRC", help="also report perplexity on this text (same "
+                   "sources as eval --data)")
+    g.add_argument("--eval-limit", type=float, default=None, metavar="N", help="at most N examples per task")
+    g.add_argument("--eval-seqlen", type=int, default=512, metavar="L", help="perplexity window (default 512)")
+    g.add_argument("--eval-batch-size", type=int, default=1, metavar="B", help="batch size for evaluation")
+    g.add_argument("--eval-baseline", action="store_true", help="also evaluate the dense --model for retained %%")
+    g.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                   help="directory of custom lm-eval task YAMLs (repeatable)")
 
 
 def _add_push_args(p: argparse.ArgumentParser) -> None:
@@ -111,17 +129,51 @@ def build_sub_parser(name: str) -> argparse.ArgumentParser:
         p.add_argument("path", help="checkpoint directory or plan.json")
         p.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     elif name == "eval":
-        p = argparse.ArgumentParser(prog="llmprune eval", description="Perplexity of a checkpoint or model.")
+        p = argparse.ArgumentParser(prog="llmprune eval", description="Perplexity and lm-eval tasks of a checkpoint "
+                                    "or model, optionally against a dense baseline; writes report.json/md/png into "
+                                    "a checkpoint directory.")
         p.add_argument("path", help="pruned checkpoint directory (or any model id / directory)")
-        p.add_argument("--data", default=None, help="evaluation text: wikitext2 (default), c4, pile, python-docs "
-                       "(offline), a Hub dataset id, or a local file/folder")
+        p.add_argument("--data", default=None, help="perplexity text: wikitext2 (default when no --tasks), c4, pile, "
+                       "python-docs (offline), a Hub dataset id, or a local file/folder")
         p.add_argument("--split", default="test", help="dataset split (default: test)")
         p.add_argument("--seqlen", type=int, default=512, help="window length for perplexity (default 512)")
         p.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
-        p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
-        p.add_argument("--baseline", default=None, help="also evaluate this model (e.g. the dense base) for comparison")
+        p.add_argument("--tasks", default=None, metavar="T,...", help="lm-eval task names and/or task lists from "
+                       "eval/ (zero_shot, finercut, quick) or list YAML paths, comma-separated")
+        p.add_argument("--limit", type=float, default=None, help="at most N examples per task (a value < 1 is a "
+                       "fraction); overrides the task lists")
+        p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (overrides the task lists)")
+        p.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                       help="directory of custom lm-eval task YAMLs (repeatable)")
+        p.add_argument("--batch-size", type=int, default=1, help="windows / lm-eval requests per forward pass")
+        p.add_argument("--baseline", default=None, help="also evaluate this dense model (id, directory, or `base` = "
+                       "the model the checkpoint was pruned from) and report retained %%")
+        p.add_argument("--no-cache", action="store_true", help="recompute the baseline even when the report "
+                       "holds its results for the same settings")
+        p.add_argument("--report", default=None, metavar="DIR", help="where to write the report (default: the "
+                       "checkpoint directory; models that are not llmprune checkpoints get none unless given)")
         p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
         p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: float32 on CPU)")
+    elif name == "bench":
+        p = argparse.ArgumentParser(prog="llmprune bench", description="Dense vs pruned speed and memory on this "
+                                    "device: prefill latency, decode tokens/s, peak memory incl. the KV cache; "
+                                    "merged into the checkpoint's report.")
+        p.add_argument("path", help="pruned checkpoint directory")
+        p.add_argument("--baseline", default="base", help="dense model to compare with (default `base`: the model "
+                       "the checkpoint was pruned from, as recorded in pruning.json)")
+        p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per sequence (default 512)")
+        p.add_argument("--decode-tokens", type=int, default=64, help="greedy decode steps after the prompt (default 64)")
+        p.add_argument("--batch-sizes", default="1,4", help="comma-separated batch sizes (default 1,4)")
+        p.add_argument("--repeats", type=int, default=5, help="timed repeats per model and batch size (default 5)")
+        p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs (default 1)")
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+        p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement (on CPU it runs "
+                       "each model in a fresh subprocess)")
+        p.add_argument("--report", default=None, metavar="DIR", help="where to write the report (default: the "
+                       "checkpoint directory)")
+        p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
+        p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: float32 on CPU, "
+                       "bfloat16 on GPU)")
     elif name == "push":
         p = argparse.ArgumentParser(prog="llmprune push", description="Upload a pruned checkpoint to the Hugging "
                                     "Face Hub in one commit, with a generated model card (README.md, also written "
@@ -165,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                ModelLoadError, PushError, ValueError, FileNotFoundError)
     try:
         return {"run": cmd_run, "plan": cmd_plan, "apply": cmd_apply, "inspect": cmd_inspect,
-                "eval": cmd_eval, "push": cmd_push}[name](args, argv)
+                "eval": cmd_eval, "bench": cmd_bench, "push": cmd_push}[name](args, argv)
     except handled as e:
         if os.environ.get("LLMPRUNE_DEBUG"):
             raise
@@ -217,13 +269,21 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
         from .hub import preflight
 
         preflight(args.push_to_hub, token=args.hub_token, endpoint=args.hub_endpoint)
+    eval_req = _main_eval_request(args)  # bad task names fail here, before any pruning work
     res = api.run(args.model, recipe, args.output, device=args.device, dtype=args.dtype, overwrite=args.overwrite,
                   explicit_source=explicit, offload=args.offload, revision=args.revision, progress=not args.quiet,
-                  command="llmprune " + shlex.join(_redact_secrets(argv)))
+                  command="llmprune " + shlex.join(_redact_secrets(argv)), keep_model=eval_req is not None)
     if not args.quiet:
         print(res.plan.summary())
     print(summary_table(res.params, res.timings["total_s"], res.out))
-    if args.push_to_hub:
+    if eval_req is not None:
+        from .evaluate.runner import print_summary
+
+        outcome = api.run_eval(res.model, eval_req, tokenizer=res.tokenizer, name=str(res.out), report_dir=res.out,
+                               progress=not args.quiet)
+        print(print_summary(outcome.run))
+        print(f"report written to {res.out / 'report.md'}")
+    if args.push_to_hub:  # after evaluation, so the card carries the results
         from .hub import PushError, push_to_hub
 
         try:
@@ -270,6 +330,32 @@ def cmd_push(args: argparse.Namespace, argv: list[str]) -> int:
     else:
         print(_pushed_line(r))
     return 0
+
+
+def _main_eval_request(args: argparse.Namespace):  # noqa: ANN202
+    """The evaluation the main job runs after saving, or None (no --eval-* flag)."""
+    from .evaluate.runner import EvalRequest, PerplexityRequest
+    from .evaluate.tasks import check_tasks, parse_task_spec
+
+    if args.eval_tasks is None and args.eval_data is None:
+        if args.eval_baseline or args.eval_limit is not None or args.include_path:
+            raise ValueError("--eval-baseline / --eval-limit / --include-path need --eval-tasks or --eval-data")
+        return None
+    tasks = parse_task_spec(args.eval_tasks, limit=_limit(args.eval_limit)) if args.eval_tasks else []
+    if tasks:
+        check_tasks(tasks, args.include_path)
+    ppl = PerplexityRequest(source=args.eval_data, seqlen=args.eval_seqlen) if args.eval_data else None
+    return EvalRequest(tasks=tasks, include_paths=args.include_path, perplexity=ppl, batch_size=args.eval_batch_size,
+                       baseline=args.model if args.eval_baseline else None)
+
+
+def _limit(x: float | None) -> int | float | None:
+    """--limit N: an integer count, or a fraction of each task when below 1."""
+    if x is None:
+        return None
+    if x <= 0:
+        raise ValueError(f"--limit must be positive, got {x:g}")
+    return x if x < 1 else int(x)
 
 
 def summary_table(params: dict[str, Any], seconds: float, out: Path | str | None) -> str:
@@ -355,38 +441,66 @@ def cmd_inspect(args: argparse.Namespace, argv: list[str]) -> int:
 
 def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
     from . import api
-    from .checkpoint import load_pruned, update_results
+    from .checkpoint import update_results
+    from .evaluate.runner import EvalRequest, PerplexityRequest, print_summary
+    from .evaluate.tasks import parse_task_spec
 
-    dev = api.resolve_device(args.device)
-    dt = api.resolve_dtype(args.dtype, dev)
-    source = args.data or "wikitext2"
+    tasks = parse_task_spec(args.tasks, args.num_fewshot, _limit(args.limit)) if args.tasks else []
+    if not tasks and (args.limit is not None or args.num_fewshot is not None or args.include_path):
+        raise ValueError("--limit / --num-fewshot / --include-path apply to lm-eval tasks; add --tasks")
+    ppl = None
+    if args.data is not None or not tasks:  # perplexity only: the old behaviour of `eval`
+        ppl = PerplexityRequest(source=args.data or "wikitext2", split=args.split, seqlen=args.seqlen,
+                                max_windows=args.max_windows, explicit=args.data is not None)
     path = Path(args.path)
     is_ckpt = (path / "pruning.json").exists()
-    if is_ckpt:
-        model, tok = load_pruned(path, device=dev, dtype=dt)
-    else:
-        loaded = api.load(args.path, device=dev, dtype=dt)
-        model, tok = loaded.model, loaded.tokenizer
-    res, src = api.eval_perplexity(model, tok, source, seqlen=args.seqlen, split=args.split,
-                                   explicit_source=args.data is not None, max_windows=args.max_windows,
-                                   batch_size=args.batch_size, progress=not args.quiet)
-    rows = [(str(args.path), res)]
-    results: dict[str, Any] = {"perplexity": {"dataset": src, **res.to_dict()}}
-    if args.baseline:
-        del model
-        base = api.load(args.baseline, device=dev, dtype=dt)
-        bres, _ = api.eval_perplexity(base.model, base.tokenizer, source, seqlen=args.seqlen, split=args.split,
-                                      explicit_source=args.data is not None, max_windows=args.max_windows,
-                                      batch_size=args.batch_size, progress=not args.quiet)
-        rows.append((args.baseline + " (baseline)", bres))
-        results["perplexity_baseline"] = {"model": args.baseline, **bres.to_dict()}
-    print(f"perplexity on {src.get('name', source)} [{src.get('split', args.split)}], "
-          f"{res.n_windows} windows x {res.seqlen} tokens")
-    width = max(len(r[0]) for r in rows)
-    for name, r in rows:
-        print(f"  {name.ljust(width)}  ppl {r.perplexity:10.3f}   nll {r.nll:.4f}")
-    if is_ckpt:
-        update_results(path, results)
+    report_dir = Path(args.report) if args.report else (path if is_ckpt else None)
+    if report_dir is not None and not report_dir.is_dir():
+        raise ValueError(f"--report {report_dir}: no such directory")
+    req = EvalRequest(tasks=tasks, include_paths=args.include_path, perplexity=ppl, batch_size=args.batch_size,
+                      baseline=args.baseline, use_cache=not args.no_cache)
+    outcome = api.run_eval(args.path, req, report_dir=report_dir, device=args.device, dtype=args.dtype,
+                           progress=not args.quiet)
+    run = outcome.run
+    for name, e in (run.get("perplexity") or {}).items():
+        print(f"perplexity on {name} [{e.get('split')}], {e['n_windows']} windows x {e['seqlen']} tokens")
+        rows = [(str(args.path), e["pruned"], e["pruned_nll"])]
+        if e.get("baseline") is not None:
+            rows.append((f"{req.baseline} (baseline)", e["baseline"], e["baseline_nll"]))
+        width = max(len(r[0]) for r in rows)
+        for label, p, nll in rows:
+            print(f"  {label.ljust(width)}  ppl {p:10.3f}   nll {nll:.4f}")
+        if is_ckpt:  # the flat keys earlier versions wrote, kept for readers of pruning.json
+            common = {"n_windows": e["n_windows"], "seqlen": e["seqlen"], "n_tokens": e["n_tokens"]}
+            legacy: dict[str, Any] = {"perplexity": {"dataset": e["source"], "perplexity": e["pruned"],
+                                                     "nll": e["pruned_nll"], **common}}
+            if e.get("baseline") is not None:
+                legacy["perplexity_baseline"] = {"model": req.baseline, "perplexity": e["baseline"],
+                                                 "nll": e["baseline_nll"], **common}
+            update_results(path, legacy)
+    if run.get("tasks"):
+        print(print_summary({"tasks": run["tasks"], "tasks_average": run.get("tasks_average")}))
+    if report_dir is not None:
+        print(f"report: {report_dir / 'report.md'}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
+    from . import api
+    from .evaluate.bench import BenchSettings
+
+    try:
+        batch_sizes = tuple(int(b) for b in args.batch_sizes.split(",") if b.strip())
+    except ValueError:
+        raise ValueError(f"--batch-sizes {args.batch_sizes!r}: expected comma-separated integers, e.g. 1,4") from None
+    settings = BenchSettings(prompt_len=args.prompt_len, decode_tokens=args.decode_tokens, batch_sizes=batch_sizes,
+                             repeats=args.repeats, warmup=args.warmup, threads=args.threads)
+    report = api.run_bench(args.path, args.baseline, settings, device=args.device, dtype=args.dtype,
+                           memory=not args.no_memory, report_dir=args.report, progress=not args.quiet)
+    from .evaluate.speed import speed_table
+
+    print(speed_table(report["speed"]))
+    print(f"report: {Path(args.report or args.path) / 'report.md'}")
     return 0
 
 
