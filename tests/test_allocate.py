@@ -194,3 +194,18 @@ def test_outlier_ratio_by_hand():
     a = torch.tensor([1.0, 1.0])  # metric = w; mean 3.75; 2 × mean = 7.5: one entry of four above
     assert outlier_ratio([(w, a)], 2.0) == 0.25
     assert outlier_ratio([(w, a), (torch.ones(1, 4), torch.ones(4))], 2.0) == pytest.approx(1 / 8)
+
+
+@pytest.mark.parametrize("geo", [GQA, QWEN2.with_(down_bias=True, mlp_in_bias=True)], ids=["plain", "biases"])
+def test_lazy_ffn_levels_match_the_exact_costs(geo):
+    from llmprune.prune.budget import ffn_levels, nearest_level
+
+    scores = torch.rand(geo.intermediate, generator=torch.Generator().manual_seed(0))
+    for compensate in (False, True):
+        for step, drop in ((1, False), (8, True), (24, True)):
+            lv = ffn_levels(geo, scores, step, compensate, drop)
+            assert [lv[i].params for i in range(len(lv))] == [mlp_kept_params(geo, w, compensate) for w in lv.widths]
+            assert lv[len(lv) - 1].score == pytest.approx(float(scores.double().sum()))
+            for target in torch.linspace(0, geo.mlp_params() * 1.1, 37).tolist():
+                scan = min(range(len(lv)), key=lambda i: (abs(lv[i].params - target), -i))
+                assert nearest_level(lv, target) == scan

@@ -181,3 +181,25 @@ def test_structure_names_are_case_insensitive_and_resolve_allocation():
     assert (r.options.structure, r.options.allocation, r.options.metric) == ("UL-UM", "uniform", "wifn")
     r = load_recipe("flap", {"pruner.allocation": "owl"})  # replaces the recipe's structure
     assert r.options.structure is None and r.options.allocation == "owl"
+
+
+def test_flap_checkpoint_with_added_biases_reloads_through_both_loaders(tmp_path, tokens, tiny_tokenizer):
+    """Llama has no o_proj / down_proj biases: FLAP adds both (per-layer flags) and the folder reloads."""
+    model = make_model("llama")
+    plan = api.make_plan(model, load_recipe("flap", {"sparsity": 0.5}), tokens, progress=False)
+    pruned = surgery.apply(model, plan)
+    layers = pruned.model.layers
+    assert any(hasattr(la, "self_attn") and la.self_attn.o_proj.bias is not None for la in layers)
+    assert any(hasattr(la, "mlp") and la.mlp.down_proj.bias is not None for la in layers)
+    ref = pruned(tokens).logits
+    out = save_pruned(pruned, tiny_tokenizer, tmp_path / "flap", plan)
+    import json
+
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "llmprune_llama"
+    per_layer = [{**{k: cfg[k] for k in ("o_proj_bias", "down_proj_bias")}, **lc} for lc in
+                 [cfg["per_layer_config"].get(str(i), {}) for i in range(cfg["num_hidden_layers"])]]
+    assert any(lc["o_proj_bias"] for lc in per_layer) and any(lc["down_proj_bias"] for lc in per_layer)
+    torch.testing.assert_close(load_pruned(out)[0](tokens).logits, ref, rtol=1e-5, atol=1e-5)
+    remote = run_without_llmprune(out, tokens)
+    torch.testing.assert_close(torch.tensor(remote["logits"]), ref, rtol=1e-4, atol=1e-4)

@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from pydantic import BaseModel
 
 from ..plan import Plan
+from .cfsp import CfspConfig, plan_cfsp
 from .common import PruneContext, plan_from_keeps
 from .flap import FlapConfig, plan_flap
 from .magnitude import MagnitudeConfig, plan_magnitude
+from .wanda_sp import WandaSpConfig, plan_wanda_sp
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,10 @@ PRUNERS: dict[str, PrunerSpec] = {
                             data_if=lambda o: o.needs_data()),
     "flap": PrunerSpec("flap", FlapConfig, plan_flap, needs_calibration=True,
                        summary="fluctuation of o_proj/down_proj inputs, global cost-weighted threshold, bias compensation"),
+    "wanda-sp": PrunerSpec("wanda-sp", WandaSpConfig, plan_wanda_sp, needs_calibration=True,
+                           summary="|W|·‖X‖ per channel, layer by layer on pruned outputs, uniform per layer"),
+    "cfsp": PrunerSpec("cfsp", CfspConfig, plan_cfsp, needs_calibration=True,
+                       summary="per-layer budgets from block importance, relative-importance channel score"),
 }
 
 

@@ -17,19 +17,18 @@ Strategies (the recipe key `pruner.allocation`):
 """
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..families.base import Geometry
-from .budget import (BudgetError, Level, attention_levels, by_deficit, by_score, check_reached, ffn_levels,
-                     head_scores, keep_top, nearest_level, select_attention, settle)
+from .budget import (BudgetError, Level, Priority, attention_levels, by_deficit, by_score, check_reached, ffn_levels,
+                     head_scores, keep_top, level_at_least, nearest_level, select_attention, settle)
 
 __all__ = ["ALLOCATIONS", "BudgetError", "LayerKeep", "LayerUnits", "Rules", "cfsp_keep_ratios", "check_sparsity",
            "coarse_to_fine", "global_threshold", "keep_shape", "keep_top", "mean_keep", "outlier_ratio", "owl", "owl_keep_ratios",
-           "per_layer", "round_width", "shape_of", "standardize", "uniform", "uniform_units"]
+           "per_layer", "round_width", "shape_of", "standardize", "uniform"]
 
 ALLOCATIONS = ("uniform", "global", "coarse_to_fine", "owl")
 
@@ -125,8 +124,9 @@ def uniform(units: Sequence[LayerUnits], sparsity: float, rules: Rules = Rules()
             attention_keep: float | None = None) -> list[LayerKeep]:
     """Every layer keeps the same fraction of its prunable parameters (FLAP's UL-MM with exact costs).
 
-    Attention takes the shape closest to that fraction (or to `attention_keep`, FLAP's manual module
-    ratio) but never vanishes; the FFN gives up what brings the layer to its budget.
+    Attention takes the smallest shape keeping at least that fraction (or `attention_keep`, FLAP's
+    manual module ratio) — attention units are coarse, so removal rounds down as the released
+    `int(p·heads)` does — and never vanishes; the FFN gives up what brings the layer to its budget.
     """
     k = mean_keep(units, sparsity)
     return per_layer(units, [k] * len(units), sparsity, rules, attention_keep=attention_keep)
@@ -135,7 +135,7 @@ def uniform(units: Sequence[LayerUnits], sparsity: float, rules: Rules = Rules()
 def per_layer(units: Sequence[LayerUnits], keep: Sequence[float], sparsity: float, rules: Rules = Rules(),
               attention_keep: float | None = None) -> list[LayerKeep]:
     """Layer l keeps about `keep[l]` of its prunable parameters; FFN widths settle the exact total."""
-    total, target = _totals(units, sparsity)
+    _, target = _totals(units, sparsity)
     if len(keep) != len(units):
         raise ValueError(f"{len(keep)} keep ratios for {len(units)} layers")
     att: list[list[Level]] = []
@@ -150,8 +150,12 @@ def per_layer(units: Sequence[LayerUnits], keep: Sequence[float], sparsity: floa
         if u.attn_prunable:
             lv = attention_levels(g, head_scores(u.attn, g), rules.query_heads, rules.compensate, allow_drop=False)
             frac = kl if attention_keep is None else attention_keep
-            ideal_a.append(frac * g.attn_params() if u.mlp_prunable else budget)
-            a_idx.append(nearest_level(lv, ideal_a[-1]))
+            if u.mlp_prunable:  # attention units are coarse: never remove more than attention's share
+                ideal_a.append(frac * g.attn_params())  # (the released int(p·heads)); the FFN takes the rest
+                a_idx.append(level_at_least(lv, ideal_a[-1]))
+            else:
+                ideal_a.append(budget)
+                a_idx.append(nearest_level(lv, budget))
             budget -= lv[a_idx[-1]].params
         else:
             lv = _untouched_attn(g)
@@ -167,28 +171,24 @@ def per_layer(units: Sequence[LayerUnits], keep: Sequence[float], sparsity: floa
             ideal_f.append(g.mlp_params())
             f_idx.append(0)
         ffn.append(lv)
-    if any(u.mlp_prunable for u in units):  # the fine-grained module absorbs the rounding of all layers
+    return _settle_and_keep(units, att, a_idx, ffn, f_idx, target, sparsity, by_deficit(ideal_a), by_deficit(ideal_f))
+
+
+def _settle_and_keep(units: Sequence[LayerUnits], att: list[list[Level]], a_idx: list[int], ffn: list[list[Level]],
+                     f_idx: list[int], target: float, sparsity: float, pri_attn: Priority, pri_ffn: Priority,
+                     attention_fixed: bool = False) -> list[LayerKeep]:
+    """Let the finest prunable module (FFN widths, else attention shapes) absorb the rounding of all
+    layers so the total lands on `target`; then pick each layer's units for its final size."""
+    if any(u.mlp_prunable for u in units):
         fixed = sum(a[i].params for a, i in zip(att, a_idx))
-        f_idx = settle(ffn, f_idx, fixed, target, by_deficit(ideal_f))
+        f_idx = settle(ffn, f_idx, fixed, target, pri_ffn)
         check_reached(fixed + sum(f[i].params for f, i in zip(ffn, f_idx)), target, ffn, sparsity)
-    else:
+    elif not attention_fixed:
         fixed = sum(f[i].params for f, i in zip(ffn, f_idx))
-        a_idx = settle(att, a_idx, fixed, target, by_deficit(ideal_a))
+        a_idx = settle(att, a_idx, fixed, target, pri_attn)
         check_reached(fixed + sum(a[i].params for a, i in zip(att, a_idx)), target, att, sparsity)
     return [keep_shape(u, a[i].shape if u.attn_prunable else None, f[j].shape[0] if u.mlp_prunable else None)
             for u, a, i, f, j in zip(units, att, a_idx, ffn, f_idx)]
-
-
-def uniform_units(units: Sequence[LayerUnits], sparsity: float) -> list[LayerKeep]:
-    """FLAP's UL-UM as released: every layer removes ⌊p·n_kv⌋ KV groups and ⌊p·m⌋ FFN channels."""
-    check_sparsity(sparsity)
-    out = []
-    for u in units:
-        g = u.geometry
-        n_kv = g.n_kv_heads - min(math.floor(sparsity * g.n_kv_heads), g.n_kv_heads - 1)
-        width = g.intermediate - min(math.floor(sparsity * g.intermediate), g.intermediate - 1)
-        out.append(keep_shape(u, (n_kv, g.group_size) if u.attn_prunable else None, width if u.mlp_prunable else None))
-    return out
 
 
 def keep_shape(u: LayerUnits, attn_shape: tuple[int, int] | None, width: int | None) -> LayerKeep:
@@ -262,9 +262,7 @@ def _walk(mods: Sequence[_Module], fixed: float, target: float) -> list[int]:
     """Kept units per module for the best prefix of all units sorted by score (exact parameter count)."""
     if not mods:
         return []
-    scores = torch.cat([m.scores for m in mods])
-    owner = torch.cat([torch.full((m.scores.numel(),), k) for k, m in enumerate(mods)]).tolist()
-    order = torch.sort(-scores, stable=True).indices.tolist()  # best first; ties keep layer order
+    owner, order = _ranking(mods)
     counts = [0] * len(mods)
     kept = fixed
     best_n, best_gap = 0, abs(kept - target)
@@ -274,10 +272,7 @@ def _walk(mods: Sequence[_Module], fixed: float, target: float) -> list[int]:
         counts[k] += 1
         if abs(kept - target) < best_gap:
             best_n, best_gap = n, abs(kept - target)
-    final = [0] * len(mods)
-    for idx in order[:best_n]:
-        final[owner[idx]] += 1
-    return final
+    return _walk_count(mods, best_n)
 
 
 def global_threshold(units: Sequence[LayerUnits], sparsity: float, rules: Rules = Rules(),
@@ -291,7 +286,7 @@ def global_threshold(units: Sequence[LayerUnits], sparsity: float, rules: Rules 
     (AL-MM) exactly that many attention units go first and the FFN ranking alone fills the budget.
     FFN widths then settle the remainder by score, so the total lands within one FFN channel.
     """
-    total, target = _totals(units, sparsity)
+    _, target = _totals(units, sparsity)
     mods, z_heads, z_ffn = _modules(units, rules)
     fixed = float(sum(u.geometry.attn_params() * (not u.attn_prunable) + u.geometry.mlp_params() * (not u.mlp_prunable)
                       for u in units))
@@ -306,48 +301,46 @@ def global_threshold(units: Sequence[LayerUnits], sparsity: float, rules: Rules 
         counts = dict(zip(map(id, attn_mods), att_counts)) | dict(zip(map(id, ffn_mods), _walk(ffn_mods, fixed, target)))
     else:
         counts = dict(zip(map(id, mods), _walk(mods, fixed, target)))
-    att: list[list[Level]] = []
-    ffn: list[list[Level]] = []
-    a_idx, f_idx = [], []
     by_layer = {(m.layer, m.is_attn): m for m in mods}
+
+    def start(m: _Module | None, levels: Callable[[], list[Level]], untouched: list[Level]) -> tuple[list[Level], int]:
+        if m is None:
+            return untouched, 0
+        lv = levels()
+        return lv, nearest_level(lv, m.params(counts[id(m)]))
+
+    att, a_idx, ffn, f_idx = [], [], [], []
     for i, u in enumerate(units):
         g = u.geometry
-        m = by_layer.get((i, True))
-        if m is not None:
-            lv = attention_levels(g, z_heads[i], rules.query_heads, rules.compensate, allow_drop=True)
-            a_idx.append(nearest_level(lv, m.params(counts[id(m)])))
-        else:
-            lv = _untouched_attn(g)
-            a_idx.append(0)
+        lv, k = start(by_layer.get((i, True)), lambda: attention_levels(g, z_heads[i], rules.query_heads,
+                                                                        rules.compensate, allow_drop=True),
+                      _untouched_attn(g))
         att.append(lv)
-        m = by_layer.get((i, False))
-        if m is not None:
-            lv = ffn_levels(g, z_ffn[i], rules.round_to, rules.compensate, allow_drop=True)
-            f_idx.append(nearest_level(lv, m.params(counts[id(m)])))
-        else:
-            lv = _untouched_mlp(g)
-            f_idx.append(0)
+        a_idx.append(k)
+        lv, k = start(by_layer.get((i, False)), lambda: ffn_levels(g, z_ffn[i], rules.round_to, rules.compensate,
+                                                                   allow_drop=True), _untouched_mlp(g))
         ffn.append(lv)
-    if any(u.mlp_prunable for u in units):
-        fixed_a = sum(a[j].params for a, j in zip(att, a_idx))
-        f_idx = settle(ffn, f_idx, fixed_a, target, by_score)
-        check_reached(fixed_a + sum(f[j].params for f, j in zip(ffn, f_idx)), target, ffn, sparsity)
-    elif attention_removed is None:
-        fixed_f = sum(f[j].params for f, j in zip(ffn, f_idx))
-        a_idx = settle(att, a_idx, fixed_f, target, by_score)
-        check_reached(fixed_f + sum(a[j].params for a, j in zip(att, a_idx)), target, att, sparsity)
-    return [keep_shape(u, a[i].shape if u.attn_prunable else None, f[j].shape[0] if u.mlp_prunable else None)
-            for u, a, i, f, j in zip(units, att, a_idx, ffn, f_idx)]
+        f_idx.append(k)
+    return _settle_and_keep(units, att, a_idx, ffn, f_idx, target, sparsity, by_score, by_score,
+                            attention_fixed=attention_removed is not None)
 
 
 def _walk_count(mods: Sequence[_Module], n_keep: int) -> list[int]:
     """Kept units per module when the `n_keep` best units of `mods` (ranked together) survive."""
     if not mods:
         return []
+    owner, order = _ranking(mods)
+    counts = [0] * len(mods)
+    for idx in order[:n_keep]:
+        counts[owner[idx]] += 1
+    return counts
+
+
+def _ranking(mods: Sequence[_Module]) -> tuple[list[int], list[int]]:
+    """(owning module of every unit, unit indices best first; ties keep layer order)."""
     scores = torch.cat([m.scores for m in mods])
-    owner = torch.cat([torch.full((m.scores.numel(),), k) for k, m in enumerate(mods)])
-    order = torch.sort(-scores, stable=True).indices[:n_keep]
-    return torch.bincount(owner[order], minlength=len(mods)).tolist()
+    owner = torch.cat([torch.full((m.scores.numel(),), k) for k, m in enumerate(mods)]).tolist()
+    return owner, torch.sort(-scores, stable=True).indices.tolist()
 
 
 def coarse_to_fine(units: Sequence[LayerUnits], sparsity: float, importance: Sequence[float], sharpness: float,

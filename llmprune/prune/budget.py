@@ -13,6 +13,7 @@ Pure functions on Geometry and tensors (no model access). The allocation strateg
 """
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -98,19 +99,63 @@ def attention_levels(g: Geometry, heads: torch.Tensor, query_heads: bool, compen
     return [best[p] for p in sorted(best)]
 
 
-def ffn_levels(g: Geometry, scores: torch.Tensor, round_to: int, compensate: bool, allow_drop: bool) -> list[Level]:
-    """FFN widths (multiples of `round_to`, and the full width), ascending, with prefix-sum scores."""
-    m = g.intermediate
-    step = max(1, int(round_to))
-    widths = sorted({w for w in range(step, m, step)} | {m} | ({0} if allow_drop else set()))
-    prefix = torch.cat([torch.zeros(1, dtype=torch.float64),
-                        scores.double().sort(descending=True).values.cumsum(0)])  # [m+1]
-    return [Level(mlp_kept_params(g, w, compensate), float(prefix[w]), (w, 0)) for w in widths]
+class FfnLevels(Sequence[Level]):
+    """FFN widths (multiples of `round_to`, the full width, optionally 0), ascending, built lazily:
+    a 70B model has ~2 million of them, so Levels are made only when asked for."""
+
+    def __init__(self, g: Geometry, scores: torch.Tensor, round_to: int, compensate: bool, allow_drop: bool):
+        m, step = g.intermediate, max(1, int(round_to))
+        self.widths = sorted({w for w in range(step, m, step)} | {m} | ({0} if allow_drop else set()))
+        self.prefix = torch.cat([torch.zeros(1, dtype=torch.float64),
+                                 scores.double().sort(descending=True).values.cumsum(0)]).tolist()  # [m+1]
+        self.m, self.cost = m, g.ffn_channel_cost()
+        self.base = g.hidden * g.down_bias  # an existing down_proj bias stays while the FFN does
+        self.over = g.hidden if compensate and not g.down_bias else 0  # bias added when partly pruned
+
+    def params(self, width: int) -> int:  # = mlp_kept_params(g, width, compensate), without building Geometries
+        return 0 if width == 0 else width * self.cost + self.base + self.over * (width < self.m)
+
+    def __len__(self) -> int:
+        return len(self.widths)
+
+    def __getitem__(self, i: int) -> Level:  # type: ignore[override]
+        w = self.widths[i]
+        return Level(self.params(w), self.prefix[w], (w, 0))
+
+    def nearest(self, params: float) -> int:
+        j = bisect.bisect_left(self.widths, (params - self.base) / self.cost)
+        return min((i for i in (j - 1, j, j + 1) if 0 <= i < len(self)),
+                   key=lambda i: (abs(self.params(self.widths[i]) - params), -i))
+
+    def max_step(self) -> int:
+        return max((self.params(b) - self.params(a) for a, b in zip(self.widths, self.widths[1:])), default=0)
+
+
+def ffn_levels(g: Geometry, scores: torch.Tensor, round_to: int, compensate: bool, allow_drop: bool) -> FfnLevels:
+    """FFN widths as levels, with the total score of the best channels kept at each width."""
+    return FfnLevels(g, scores, round_to, compensate, allow_drop)
 
 
 def nearest_level(levels: Sequence[Level], params: float) -> int:
     """Index of the level whose parameter count is closest to `params` (ties: the larger one)."""
+    if isinstance(levels, FfnLevels):
+        return levels.nearest(params)
     return min(range(len(levels)), key=lambda i: (abs(levels[i].params - params), -i))
+
+
+def level_at_least(levels: Sequence[Level], params: float) -> int:
+    """Index of the smallest level keeping at least `params` (the largest level if none does)."""
+    for i in range(len(levels)):
+        if levels[i].params >= params - 1e-9 * max(1.0, abs(params)):
+            return i
+    return len(levels) - 1
+
+
+def max_step(levels: Sequence[Level]) -> int:
+    """The largest parameter change of one step between neighbouring levels."""
+    if isinstance(levels, FfnLevels):
+        return levels.max_step()
+    return max((b.params - a.params for a, b in zip(levels, levels[1:])), default=0)
 
 
 # ---- settling a total onto its target --------------------------------------------------------------
@@ -162,8 +207,7 @@ def settle(levels: Sequence[Sequence[Level]], current: list[int], fixed: int, ta
 
 def check_reached(total: int, target: float, levels: Sequence[Sequence[Level]], sparsity: float) -> None:
     """Raise BudgetError when the settled total misses the target by more than one step of its levels."""
-    steps = [b.params - a.params for lv in levels for a, b in zip(lv, lv[1:])]
-    tolerance = max(steps, default=0)
+    tolerance = max((max_step(lv) for lv in levels), default=0)
     if abs(total - target) > tolerance:
         raise BudgetError(f"sparsity {sparsity:.1%} cannot be reached: the units this pruner may remove allow "
                           f"{total:,} kept parameters against a target of {target:,.0f}; lower the sparsity, "

@@ -32,7 +32,6 @@ from ..calibrate import Stats, site_name
 from ..families.base import BlockView, Geometry
 from ..plan import Plan
 from .allocate import LayerKeep, LayerUnits, Rules, check_sparsity, global_threshold, keep_shape, standardize, uniform
-from .allocate import uniform_units
 from .common import PruneContext
 from .width import DataWidthOptions, allocate, plan_width
 
@@ -99,6 +98,18 @@ def flap_scorer(metric: str, faithful: bool):  # noqa: ANN201
 
 
 # ---- the released code's budget arithmetic (faithful) ----------------------------------------------
+def uniform_units(units: Sequence[LayerUnits], sparsity: float) -> list[LayerKeep]:
+    """FLAP's UL-UM as released: every layer removes ⌊p·n_kv⌋ KV groups and ⌊p·m⌋ FFN channels."""
+    check_sparsity(sparsity)
+    out = []
+    for u in units:
+        g = u.geometry
+        n_kv = g.n_kv_heads - min(math.floor(sparsity * g.n_kv_heads), g.n_kv_heads - 1)
+        width = g.intermediate - min(math.floor(sparsity * g.intermediate), g.intermediate - 1)
+        out.append(keep_shape(u, (n_kv, g.group_size) if u.attn_prunable else None, width if u.mlp_prunable else None))
+    return out
+
+
 def mha_unit_weight(g: Geometry) -> int:
     """AL-AM weight of one attention unit in FFN channels, as released: int(4·head_dim·hidden / (3·hidden))."""
     return int(4 * g.head_dim / 3)
