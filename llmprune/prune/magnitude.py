@@ -38,8 +38,8 @@ def kv_group_norms(block: BlockView, g: Geometry) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ffn_channel_norms(block: BlockView) -> torch.Tensor:
-    """[m] squared L2 norm of each FFN channel's weights."""
+def ffn_channel_sq_norms(block: BlockView) -> torch.Tensor:
+    """[m] squared L2 norm of each FFN channel's weights (gate/up rows and down_proj column)."""
     m = block.mlp
     total = m.down.weight.double().pow(2).sum(0)
     for lin in m.inputs:
@@ -47,10 +47,15 @@ def ffn_channel_norms(block: BlockView) -> torch.Tensor:
     return total
 
 
+def ffn_channel_norms(block: BlockView) -> torch.Tensor:
+    """[m] L2 norm of each FFN channel's weights."""
+    return ffn_channel_sq_norms(block).sqrt()
+
+
 def magnitude_scores(block: BlockView, g: Geometry, _stats: Stats | None, _layer: int) \
         -> tuple[torch.Tensor | None, torch.Tensor | None]:
     attn = attention_channel_norms(block, g).cpu() if block.attn is not None else None
-    mlp = ffn_channel_norms(block).cpu() if block.mlp is not None else None
+    mlp = ffn_channel_sq_norms(block).cpu() if block.mlp is not None else None
     return attn, mlp
 
 
