@@ -127,7 +127,7 @@ def make_plan(model: nn.Module, recipe: ResolvedRecipe, tokens: torch.Tensor | N
     """Score and decide: the Plan for `model` under `recipe` (no weights are edited)."""
     family = family or family_for(model.config)
     spec = get_pruner(recipe.method)
-    if spec.needs_calibration and tokens is None:
+    if spec.wants_data(recipe.options) and tokens is None:
         raise ValueError(f"method {recipe.method!r} needs calibration tokens")
     cal = recipe.recipe.calibration
     ctx = PruneContext(model=model, family=family, sparsity=recipe.recipe.sparsity, tokens=tokens,
@@ -146,7 +146,7 @@ def prune(model: nn.Module, recipe: ResolvedRecipe | str, tokenizer: Any = None,
     """Plan and apply in one call: returns (pruned model, plan). The input model is not modified."""
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     family = family_for(model.config)
-    if calibration is None and get_pruner(recipe.method).needs_calibration:
+    if calibration is None and get_pruner(recipe.method).wants_data(recipe.options):
         if tokenizer is None:
             raise ValueError("pass a tokenizer (to read the recipe's calibration text) or calibration tokens")
         calibration, _ = calibration_tokens(tokenizer, recipe)
@@ -178,7 +178,7 @@ def run(model_id: str, recipe: ResolvedRecipe, out: str | Path, *, device: str =
     loaded = load(model_id, device=device, dtype=dtype, revision=revision)
     timings["load_s"] = time.perf_counter() - t0
     tokens, cal_desc = None, None
-    if get_pruner(recipe.method).needs_calibration:
+    if get_pruner(recipe.method).wants_data(recipe.options):
         t = time.perf_counter()
         tokens, cal_desc = calibration_tokens(loaded.tokenizer, recipe, explicit_source=explicit_source)
         timings["data_s"] = time.perf_counter() - t

@@ -384,7 +384,7 @@ def cmd_plan(args: argparse.Namespace, argv: list[str]) -> int:
     tokens = None
     from .prune import get_pruner
 
-    if get_pruner(recipe.method).needs_calibration:
+    if get_pruner(recipe.method).wants_data(recipe.options):
         tokens, _ = api.calibration_tokens(loaded.tokenizer, recipe, explicit_source=explicit)
     plan = api.make_plan(loaded.model, recipe, tokens, family=loaded.family, base_model=loaded.base_model,
                          offload=args.offload, progress=not args.quiet)

@@ -7,8 +7,11 @@ from dataclasses import dataclass
 from pydantic import BaseModel
 
 from ..plan import Plan
+from .cfsp import CfspConfig, plan_cfsp
 from .common import PruneContext, plan_from_keeps
+from .flap import FlapConfig, plan_flap
 from .magnitude import MagnitudeConfig, plan_magnitude
+from .wanda_sp import WandaSpConfig, plan_wanda_sp
 
 
 @dataclass(frozen=True)
@@ -16,13 +19,25 @@ class PrunerSpec:
     name: str
     config: type[BaseModel]
     plan: Callable[[PruneContext, BaseModel], Plan]
-    needs_calibration: bool
+    needs_calibration: bool  # always needs calibration text
     summary: str
+    data_if: Callable[[BaseModel], bool] | None = None  # needs it only with some options
+
+    def wants_data(self, options: BaseModel) -> bool:
+        """Whether planning with these options needs calibration tokens."""
+        return self.needs_calibration or (self.data_if is not None and self.data_if(options))
 
 
 PRUNERS: dict[str, PrunerSpec] = {
     "magnitude": PrunerSpec("magnitude", MagnitudeConfig, plan_magnitude, needs_calibration=False,
-                            summary="KV groups and FFN channels by weight norm, uniform per layer (baseline)"),
+                            summary="KV groups and FFN channels by weight norm, uniform per layer (baseline)",
+                            data_if=lambda o: o.needs_data()),
+    "flap": PrunerSpec("flap", FlapConfig, plan_flap, needs_calibration=True,
+                       summary="fluctuation of o_proj/down_proj inputs, global cost-weighted threshold, bias compensation"),
+    "wanda-sp": PrunerSpec("wanda-sp", WandaSpConfig, plan_wanda_sp, needs_calibration=True,
+                           summary="|W|·‖X‖ per channel, layer by layer on pruned outputs, uniform per layer"),
+    "cfsp": PrunerSpec("cfsp", CfspConfig, plan_cfsp, needs_calibration=True,
+                       summary="per-layer budgets from block importance, relative-importance channel score"),
 }
 
 

@@ -41,7 +41,8 @@ class PruneContext:
 
 def plan_from_keeps(geometry: list[Geometry], keeps: list[LayerKeep], method: str,
                     stats: Stats | None = None, compensate: bool = False) -> Plan:
-    """A Plan from per-layer kept units. An empty keep list drops the whole sublayer.
+    """A Plan from per-layer kept units (KV groups, query heads within them, FFN channels).
+    An empty keep list drops the whole sublayer.
 
     With `compensate`, removed o_proj / down_proj input channels are replaced by a bias made of
     their calibration means (FLAP): needs `stats` with `attn.o_in` / `mlp.down_in` moments.
@@ -52,8 +53,9 @@ def plan_from_keeps(geometry: list[Geometry], keeps: list[LayerKeep], method: st
         if k.kv_groups is not None and g.has_attn:
             if not k.kv_groups:
                 lp.attn = AttnPlan(drop=True)
-            elif len(k.kv_groups) < g.n_kv_heads:
-                lp.attn = AttnPlan(keep_kv_groups=list(k.kv_groups))
+            elif len(k.kv_groups) < g.n_kv_heads or k.q_heads is not None:
+                lp.attn = AttnPlan(keep_kv_groups=list(k.kv_groups) if len(k.kv_groups) < g.n_kv_heads else None,
+                                   keep_q=[list(q) for q in k.q_heads] if k.q_heads is not None else None)
                 if compensate:
                     removed = removed_indices(attn_kept_channels(g, lp.attn), g.n_q_heads * g.head_dim)
                     lp.attn.compensate = _means(stats, site_name(i, "attn.o_in"), removed)

@@ -1,55 +1,63 @@
-"""Magnitude baseline: KV groups and FFN channels ranked by the norm of their weights, uniform per layer.
+"""Magnitude baseline: KV groups and FFN channels ranked by the norm of their weights.
 
-Needs no calibration data. A KV group's score is the L2 norm of every weight it owns (its query
-rows, its k/v rows, its o_proj columns); an FFN channel's is the L2 norm of its gate/up rows and
-down_proj column.
+Needs no calibration data (unless an allocation or compensation asks for it). A KV group's score
+is the squared L2 norm of every weight it owns (its query rows, its k/v rows, its o_proj columns);
+an FFN channel's is the squared norm of its gate/up rows and down_proj column. Per o_proj input
+channel, a query head's own q row and o column count fully and its KV head's k/v rows are shared
+equally among the group's channels, so channel scores sum to the group's squared norm.
 """
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict
 
+from ..calibrate import Stats
 from ..families.base import BlockView, Geometry
 from ..plan import Plan
-from .allocate import LayerUnits, uniform
-from .common import PruneContext, plan_from_keeps
+from .common import PruneContext
+from .width import WidthOptions, plan_width
 
 
-class MagnitudeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    attention: bool = True  # remove KV groups
-    mlp: bool = True  # remove FFN channels
+class MagnitudeConfig(WidthOptions):
+    """Weight-norm baseline; every option of the width pruners (allocation, rounding, query heads, ...)."""
+
+
+@torch.no_grad()
+def attention_channel_norms(block: BlockView, g: Geometry) -> torch.Tensor:
+    """[n_q·hd] squared weight norm attributed to each o_proj input channel."""
+    a = block.attn
+    per_group = g.group_size * g.head_dim
+    own = a.q.weight.double().pow(2).sum(1) + a.o.weight.double().pow(2).sum(0)  # q row j + o column j
+    kv = (a.k.weight.double().pow(2).sum(1) + a.v.weight.double().pow(2).sum(1)).view(g.n_kv_heads, g.head_dim).sum(1)
+    return own + (kv / per_group).repeat_interleave(per_group)
 
 
 @torch.no_grad()
 def kv_group_norms(block: BlockView, g: Geometry) -> torch.Tensor:
     """[n_kv] L2 norm of all weights of each KV group."""
-    a = block.attn
-    hd, grp = g.head_dim, g.group_size
-    q = a.q.weight.double().pow(2).sum(1).view(g.n_kv_heads, grp * hd).sum(1)  # q rows of each group
-    k = a.k.weight.double().pow(2).sum(1).view(g.n_kv_heads, hd).sum(1)
-    v = a.v.weight.double().pow(2).sum(1).view(g.n_kv_heads, hd).sum(1)
-    o = a.o.weight.double().pow(2).sum(0).view(g.n_kv_heads, grp * hd).sum(1)  # o columns of each group
-    return (q + k + v + o).sqrt()
+    return attention_channel_norms(block, g).view(g.n_kv_heads, -1).sum(1).sqrt()
 
 
 @torch.no_grad()
-def ffn_channel_norms(block: BlockView) -> torch.Tensor:
-    """[m] L2 norm of each FFN channel's weights."""
+def ffn_channel_sq_norms(block: BlockView) -> torch.Tensor:
+    """[m] squared L2 norm of each FFN channel's weights (gate/up rows and down_proj column)."""
     m = block.mlp
     total = m.down.weight.double().pow(2).sum(0)
     for lin in m.inputs:
         total = total + lin.weight.double().pow(2).sum(1)
-    return total.sqrt()
+    return total
+
+
+def ffn_channel_norms(block: BlockView) -> torch.Tensor:
+    """[m] L2 norm of each FFN channel's weights."""
+    return ffn_channel_sq_norms(block).sqrt()
+
+
+def magnitude_scores(block: BlockView, g: Geometry, _stats: Stats | None, _layer: int) \
+        -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    attn = attention_channel_norms(block, g).cpu() if block.attn is not None else None
+    mlp = ffn_channel_sq_norms(block).cpu() if block.mlp is not None else None
+    return attn, mlp
 
 
 def plan_magnitude(ctx: PruneContext, cfg: MagnitudeConfig) -> Plan:
-    units = []
-    for i, g in enumerate(ctx.geometry):
-        b = ctx.family.block(ctx.model, i)
-        units.append(LayerUnits(
-            geometry=g,
-            attn=kv_group_norms(b, g) if cfg.attention and b.attn is not None else None,
-            mlp=ffn_channel_norms(b) if cfg.mlp and b.mlp is not None else None,
-        ))
-    return plan_from_keeps(ctx.geometry, uniform(units, ctx.sparsity), method="magnitude")
+    return plan_width(ctx, cfg, magnitude_scores, score_sites=(), method="magnitude")
