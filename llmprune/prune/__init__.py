@@ -3,11 +3,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from pydantic import BaseModel
 
 from ..plan import Plan
 from .common import PruneContext, plan_from_keeps
+from .finercut import FinerCutConfig, plan_finercut
+from .finercut_report import finercut_artifacts
 from .magnitude import MagnitudeConfig, plan_magnitude
 
 
@@ -18,11 +21,17 @@ class PrunerSpec:
     plan: Callable[[PruneContext, BaseModel], Plan]
     needs_calibration: bool
     summary: str
+    # Optional extra files for the checkpoint (figures, reports): called by save_pruned with the plan and
+    # the not-yet-published checkpoint directory; returns the file names it wrote there.
+    artifacts: Callable[[Plan, Path], list[str]] | None = None
 
 
 PRUNERS: dict[str, PrunerSpec] = {
     "magnitude": PrunerSpec("magnitude", MagnitudeConfig, plan_magnitude, needs_calibration=False,
                             summary="KV groups and FFN channels by weight norm, uniform per layer (baseline)"),
+    "finercut": PrunerSpec("finercut", FinerCutConfig, plan_finercut, needs_calibration=True,
+                           summary="greedy removal of attention/FFN sublayers by output divergence (FinerCut)",
+                           artifacts=finercut_artifacts),
 }
 
 
