@@ -62,6 +62,9 @@ def structure_section(f: CardFacts) -> str:
     order = f.doc.get("removal_order")
     if isinstance(order, list) and order:
         parts.append(_removal_order(f, order))
+    for name in f.doc.get("artifacts") or []:  # figures the pruner saved beside the weights (relative links)
+        if isinstance(name, str) and name.endswith(".png"):
+            parts.append(f"![{name[:-4].replace('_', ' ')}]({name})")
     return "\n\n".join(parts)
 
 

@@ -67,8 +67,11 @@ def save_pruned(model: nn.Module, tokenizer: Any, out: str | Path, plan: Plan, i
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _finish_config(tmp, model)
+        artifacts = _pruner_artifacts(plan, tmp)
         doc = {"format": CHECKPOINT_FORMAT, "llmprune_version": __version__, "plan": plan.to_dict()}
         doc.update(plan.extras)  # method reports (e.g. FinerCut's removal_order) also sit at the top level
+        if artifacts:
+            doc["artifacts"] = artifacts
         doc.update(info or {})
         (tmp / PRUNING_FILE).write_text(json.dumps(doc, indent=1, default=_json_default) + "\n")
         if plan.recipe:
@@ -86,6 +89,16 @@ def save_pruned(model: nn.Module, tokenizer: Any, out: str | Path, plan: Plan, i
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _pruner_artifacts(plan: Plan, directory: Path) -> list[str]:
+    """Extra files the plan's pruner writes into the (still temporary) checkpoint, e.g. figures."""
+    from .prune import PRUNERS  # lazy: the pruner registry pulls in calibration code
+
+    spec = PRUNERS.get(plan.method)
+    if spec is None or spec.artifacts is None:
+        return []
+    return list(spec.artifacts(plan, directory))
 
 
 def _mark_remote_code(model: nn.Module) -> None:

@@ -31,6 +31,7 @@ EPILOG = """subcommands (run `llmprune SUBCOMMAND --help`):
 
 examples:
   llmprune --model smollm2-135m --recipe magnitude --sparsity 0.2 -o out/
+  llmprune --model smollm2-135m --recipe finercut --target-sublayers 0.25 -o out/fc
   llmprune eval out/ --data python-docs --seqlen 256 --tasks quick --baseline base
   llmprune bench out/ --baseline smollm2-135m --prompt-len 256 --batch-sizes 1,4
 """
@@ -49,6 +50,8 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", required=True, help="built-in recipe name (see `recipes/`) or path to a YAML recipe")
     p.add_argument("--sparsity", type=float, default=None, help="fraction of decoder-layer linear parameters to "
                    "remove, in [0, 1) (overrides the recipe)")
+    p.add_argument("--target-sublayers", type=float, default=None, metavar="F", help="FinerCut's own target: "
+                   "remove floor(F x #candidate sublayers), F in (0, 1), instead of a --sparsity parameter budget")
     p.add_argument("--calibration", default=None, metavar="SRC", help="calibration text: wikitext2, c4, pile, "
                    "python-docs (offline), a Hub dataset id, or a local .txt/.jsonl/.json/.parquet file or folder")
     p.add_argument("--nsamples", type=int, default=None, help="number of calibration sequences")
@@ -240,7 +243,11 @@ def _recipe_from_args(args: argparse.Namespace):  # noqa: ANN202
     from .recipe import load_recipe, parse_override
 
     overrides: dict[str, Any] = dict(parse_override(o) for o in args.overrides)
-    for flag, key in (("sparsity", "sparsity"), ("calibration", "calibration.source"), ("nsamples", "calibration.nsamples"),
+    if args.sparsity is not None and args.target_sublayers is not None:
+        raise ValueError("give one target: --sparsity (fraction of parameters) or --target-sublayers (fraction of "
+                         "sublayers), not both")
+    for flag, key in (("sparsity", "sparsity"), ("target_sublayers", "pruner.target_sublayers"),
+                      ("calibration", "calibration.source"), ("nsamples", "calibration.nsamples"),
                       ("seqlen", "calibration.seqlen"), ("seed", "calibration.seed"),
                       ("batch_size", "calibration.batch_size")):
         if getattr(args, flag) is not None:
@@ -275,6 +282,10 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
                   command="llmprune " + shlex.join(_redact_secrets(argv)), keep_model=eval_req is not None)
     if not args.quiet:
         print(res.plan.summary())
+    from .prune.finercut_report import removal_report
+
+    if removal_report(res.plan):
+        print(removal_report(res.plan))
     print(summary_table(res.params, res.timings["total_s"], res.out))
     if eval_req is not None:
         from .evaluate.runner import print_summary
@@ -425,6 +436,11 @@ def cmd_inspect(args: argparse.Namespace, argv: list[str]) -> int:
         return 0
     print(f"method: {plan.method}   base model: {plan.base_model}")
     print(plan.summary())
+    from .prune.finercut_report import removal_report
+
+    removals = removal_report(plan)
+    if removals:
+        print(removals)
     if path.is_dir():
         doc = json.loads((path / "pruning.json").read_text())
         cfg = json.loads((path / "config.json").read_text())
@@ -434,6 +450,8 @@ def cmd_inspect(args: argparse.Namespace, argv: list[str]) -> int:
         if "params" in doc:
             p = doc["params"]
             print(f"total params {p['total_before']:,} -> {p['total_after']:,} ({p['total_sparsity']:.2%} removed)")
+        if doc.get("artifacts"):
+            print(f"artifacts: {', '.join(str(path / a) for a in doc['artifacts'])}")
         for key, val in (doc.get("results") or {}).items():
             print(f"result {key}: {json.dumps(val)[:200]}")
     return 0

@@ -35,3 +35,21 @@ def test_unit_costs_add_up():
     assert g.ffn_channel_cost() * g.intermediate == g.mlp_params()
     gb = g.with_(qkv_bias=True)
     assert gb.kv_group_cost() * 3 == gb.attn_params()
+
+
+def test_half_blocks_compose_to_the_decoder_layer(tiny_model, tokens):
+    """attn_residual then mlp_residual is exactly what the decoder layer computes (FinerCut's what-if runner)."""
+    import torch
+
+    from llmprune.calibrate import BlockWalker
+
+    fam = family_for(tiny_model.config)
+    walker = BlockWalker(tiny_model, fam, tokens, batch_size=2)
+    for i in range(len(fam.layers(tiny_model))):
+        block = fam.block(tiny_model, i)
+        h, (args, kwargs) = walker.hidden[0], walker.layer_args[i][0]
+        with torch.no_grad():
+            want = walker.run(i)[0]
+            got = fam.mlp_residual(block, fam.attn_residual(block, h, kwargs))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        walker.advance(walker.run(i))

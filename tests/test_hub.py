@@ -26,7 +26,8 @@ from .test_checkpoint import NO_LLMPRUNE
 NONUNIFORM_FILES = {"README.md", "config.json", "configuration_llmprune.py", "modeling_llmprune.py",
                     "generation_config.json", "model.safetensors", "pruning.json", "llmprune_recipe.yaml",
                     "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "report.json", "report.md",
-                    "report.png"}
+                    "report.png",
+                    "finercut_removed_sublayers.png"}  # the FinerCut plan's depth figure
 
 
 @pytest.fixture
@@ -77,6 +78,7 @@ def test_push_uploads_the_checkpoint_in_one_commit(fake_hub, ckpt):
 
     meta = front_matter(stored["README.md"].decode())
     assert meta["base_model"] == SMOL and meta["base_model_relation"] == "finetune"
+    assert "(finercut_removed_sublayers.png)" in stored["README.md"].decode()  # the depth figure is shown
     assert meta["license"] == "apache-2.0" and meta["datasets"] == ["Salesforce/wikitext"]
     assert {"llmprune", "pruned", "structured-pruning", "finercut", "custom_code"} <= set(meta["tags"])
     name, results = model_index_to_eval_results(meta["model-index"])
@@ -284,7 +286,7 @@ def test_cli_push_and_dry_run(fake_hub, ckpt, capsys):
     assert ModelCard.load(ckpt / "README.md").data.base_model == SMOL
     assert main(["push", str(ckpt), "alice/cli", "--token", "hf_alice", "--endpoint", fake_hub.url,
                  "--private", "--revision", "v1", "-q"]) == 0
-    assert "pushed 14 files to" in capsys.readouterr().out
+    assert "pushed 15 files to" in capsys.readouterr().out
     assert fake_hub.repos["alice/cli"].private and "README.md" in fake_hub.files("alice/cli", "v1")
 
 

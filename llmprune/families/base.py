@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
 
+import torch
 from torch import nn
 
 
@@ -131,6 +132,18 @@ class Family(Protocol):
     def target_config(self, model: nn.Module, geometries: list[Geometry], keep_layers: list[int]) -> Any: ...
 
     def model_class_for(self, config: Any) -> type[nn.Module]: ...
+
+    def final_norm(self, model: nn.Module) -> nn.Module: ...
+
+    def lm_head(self, model: nn.Module) -> nn.Module: ...
+
+    def attn_residual(self, block: BlockView, hidden: torch.Tensor, layer_kwargs: dict[str, Any]) -> torch.Tensor:
+        """hidden + attention(norm(hidden)) — half a decoder layer, for what-if evaluation ([b, T, d])."""
+        ...
+
+    def mlp_residual(self, block: BlockView, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden + mlp(norm(hidden)) — the other half ([b, T, d])."""
+        ...
 
 
 class UnsupportedModelError(ValueError):

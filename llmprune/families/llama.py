@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
@@ -58,6 +59,19 @@ class LlamaFamily:
 
     def embed(self, model: nn.Module) -> nn.Module:
         return _decoder(model).embed_tokens
+
+    # ---- running half a block (what-if evaluation without editing weights) ---------------------------
+    def attn_residual(self, block: BlockView, hidden: torch.Tensor, layer_kwargs: dict[str, Any]) -> torch.Tensor:
+        """hidden + attention(input_layernorm(hidden)): the first half of a decoder layer.
+
+        hidden: [b, T, d]; layer_kwargs: what the model passed this layer (masks, position_embeddings, ...).
+        """
+        out = block.attn.module(hidden_states=block.attn.norm(hidden), **layer_kwargs)
+        return hidden + (out[0] if isinstance(out, tuple) else out)
+
+    def mlp_residual(self, block: BlockView, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden + mlp(post_attention_layernorm(hidden)): the second half of a decoder layer. [b, T, d]."""
+        return hidden + block.mlp.module(block.mlp.norm(hidden))
 
     def set_num_kv_groups(self, attn: nn.Module, n_q: int, n_kv: int) -> None:
         """Keep HF's repeat_kv consistent after heads were sliced away."""

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from pydantic import BaseModel
 
 from ..plan import Plan
 from .cfsp import CfspConfig, plan_cfsp
 from .common import PruneContext, plan_from_keeps
+from .finercut import FinerCutConfig, plan_finercut
+from .finercut_report import finercut_artifacts
 from .flap import FlapConfig, plan_flap
 from .magnitude import MagnitudeConfig, plan_magnitude
 from .wanda_sp import WandaSpConfig, plan_wanda_sp
@@ -22,6 +25,9 @@ class PrunerSpec:
     needs_calibration: bool  # always needs calibration text
     summary: str
     data_if: Callable[[BaseModel], bool] | None = None  # needs it only with some options
+    # Optional extra files for the checkpoint (figures, reports): called by save_pruned with the plan and
+    # the not-yet-published checkpoint directory; returns the file names it wrote there.
+    artifacts: Callable[[Plan, Path], list[str]] | None = None
 
     def wants_data(self, options: BaseModel) -> bool:
         """Whether planning with these options needs calibration tokens."""
@@ -38,6 +44,9 @@ PRUNERS: dict[str, PrunerSpec] = {
                            summary="|W|·‖X‖ per channel, layer by layer on pruned outputs, uniform per layer"),
     "cfsp": PrunerSpec("cfsp", CfspConfig, plan_cfsp, needs_calibration=True,
                        summary="per-layer budgets from block importance, relative-importance channel score"),
+    "finercut": PrunerSpec("finercut", FinerCutConfig, plan_finercut, needs_calibration=True,
+                           summary="greedy removal of attention/FFN sublayers by output divergence (FinerCut)",
+                           artifacts=finercut_artifacts),
 }
 
 

@@ -1,0 +1,278 @@
+"""The residual stream of a partly pruned model at every sublayer boundary, for what-if scoring.
+
+A pre-norm decoder is a chain of residual sublayers: h ← h + attn(norm(h)), h ← h + mlp(norm(h)).
+Removing a sublayer makes it the identity, so the model with sublayer c removed equals the current
+model up to c, then continues from the residual *before* c. `ResidualStream` keeps the current
+model's residual at every boundary (per calibration micro-batch), so scoring "also remove c" runs
+only the sublayers after c, and several candidates run together as one batch ("wavefront": a
+candidate joins the batch at the boundary after it, with the cached state from before it). No
+weight is edited; the family runs half-blocks through `attn_residual` / `mlp_residual`.
+
+Memory: (sublayers + 1) × tokens × hidden in the model dtype for the boundaries, plus the dense
+model's reference (tokens × vocabulary float32 log-probabilities or logits; tokens × k with a
+top-k vocabulary) and its final hidden states.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibrate.walker import BlockWalker
+from ..families import Family
+from . import divergence
+
+log = logging.getLogger(__name__)
+
+# Elements of one float32 [rows, vocab] logits block scored at a time (16 MiB): bounds the memory
+# of the head + distance whatever the vocabulary and micro-batch size, and is the granularity at
+# which a hopeless candidate stops being scored (85 rows for a 49k vocabulary, 32 for 128k).
+LOGIT_BLOCK_ELEMS = 1 << 22
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A removable unit: one sublayer, or a whole block (its consecutive sublayers)."""
+
+    index: int  # canonical order (depth first, attention before FFN); breaks ties
+    layer: int
+    sublayers: tuple[str, ...]  # ("attn",), ("mlp",) or ("attn", "mlp")
+    start: int  # first stream position it covers
+    end: int  # one past its last position
+    params: int  # decoder linear parameters it removes
+
+    @property
+    def name(self) -> str:
+        return f"L{self.layer}." + "+".join(self.sublayers)
+
+
+@dataclass
+class ChunkScore:
+    """A candidate's distance on one chunk: sum of per-token values, scored tokens seen, and whether
+    every row was scored (else `total` is a lower bound); `per_token` [b·T] when complete."""
+
+    total: float
+    seen: int
+    complete: bool
+    per_token: torch.Tensor | None = None
+
+
+class ResidualStream:
+    """Boundary residuals of the current model, per micro-batch, and candidate scoring against the dense model.
+
+    tokens: [N, T] calibration ids, split into micro-batches ("chunks") of `batch_size` sequences.
+    positions: the model's sublayers in order, as (layer, "attn" | "mlp").
+    h[p][j]: [b_j, T, d] input of position p for chunk j (h[P] is the last block's output).
+    """
+
+    def __init__(self, model: nn.Module, family: Family, tokens: torch.Tensor, distance: str, batch_size: int = 1,
+                 device: torch.device | str | None = None, topk_vocab: int = 0, progress: bool = True):
+        self.model, self.family, self.distance = model, family, divergence.check_distance(distance)
+        walker = BlockWalker(model, family, tokens, batch_size=batch_size, device=device)
+        self.device = walker.device
+        self.chunk_tokens = [b.to(self.device) for b in walker.batches]  # [b_j, T] ids
+        self.layer_kwargs = [[_plain_kwargs(i, args, kw) for args, kw in per_batch]
+                             for i, per_batch in enumerate(walker.layer_args)]
+        self.positions = [(g_i, kind) for g_i, g in enumerate(family.geometry(model))
+                          for kind, present in (("attn", g.has_attn), ("mlp", g.has_mlp)) if present]
+        self._blocks = {i: family.block(model, i) for i, _ in self.positions}
+        self.removed: set[int] = set()
+        self.work = {"body_tokens": 0, "head_tokens": 0}  # token × sublayer runs, tokens through the LM head
+        P = len(self.positions)
+        self.h: list[list[torch.Tensor]] = [walker.hidden] + [[] for _ in range(P)]
+        self._recompute_from(0, progress=progress, desc="residual stream")
+        self.teacher_hidden = list(self.h[P])  # dense final residuals, kept for later full-vocabulary checks
+        self.norm, self.head = family.final_norm(model), family.lm_head(model)
+        self.vocab = self.head.out_features
+        self.subset: torch.Tensor | None = None  # vocabulary ids scored (top-k mode), None: all
+        self._weight, self._bias = self.head.weight, self.head.bias
+        self.targets = [divergence.next_token_targets(t) for t in self.chunk_tokens]
+        self.n_scored = [divergence.scored_tokens(distance, t) for t in self.chunk_tokens]
+        if topk_vocab and divergence.needs_reference(distance):
+            self._restrict_vocab(topk_vocab)
+        self.refs = [self._reference(j) for j in range(self.n_chunks)]
+        self.row_order: list[torch.Tensor | None] = [None] * self.n_chunks
+
+    # ---- shape of the data -----------------------------------------------------------------------
+    @property
+    def n_chunks(self) -> int:
+        return len(self.chunk_tokens)
+
+    @property
+    def n_positions(self) -> int:
+        return len(self.positions)
+
+    @property
+    def total_scored(self) -> int:
+        return sum(self.n_scored)
+
+    # ---- running sublayers -----------------------------------------------------------------------
+    @torch.no_grad()
+    def _run(self, p: int, x: torch.Tensor, j: int) -> torch.Tensor:
+        """Sublayer at position p on x [m·b_j, T, d] (m stacked copies of chunk j)."""
+        layer, kind = self.positions[p]
+        block = self._blocks[layer]
+        self.work["body_tokens"] += x.shape[0] * x.shape[1]
+        if kind == "mlp":
+            return self.family.mlp_residual(block, x)
+        kwargs = _repeat_batch(self.layer_kwargs[layer][j], self.chunk_tokens[j].shape[0], x.shape[0])
+        return self.family.attn_residual(block, x, kwargs)
+
+    def _recompute_from(self, start: int, progress: bool = False, desc: str = "") -> None:
+        """Refresh h[q] for q > start from h[start], following the current removals."""
+        P = self.n_positions
+        for q in tqdm(range(start, P), desc=desc, unit="sublayer", disable=not progress, leave=False):
+            if q in self.removed:
+                self.h[q + 1] = list(self.h[q])
+            else:
+                self.h[q + 1] = [self._run(q, x, j) for j, x in enumerate(self.h[q])]
+
+    def remove(self, cand: Candidate) -> None:
+        """Make a candidate's removal permanent: boundaries after it are recomputed, the prefix is kept."""
+        self.removed.update(range(cand.start, cand.end))
+        self._recompute_from(cand.start)
+
+    # ---- the LM head and the distance -------------------------------------------------------------
+    @torch.no_grad()
+    def _logits(self, rows: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head (restricted to the scored vocabulary) on [n, d] residuals: [n, V'] float32."""
+        self.work["head_tokens"] += rows.shape[0]
+        return F.linear(self.norm(rows), self._weight, self._bias).float()
+
+    def _row_block(self) -> int:
+        return max(1, LOGIT_BLOCK_ELEMS // self._weight.shape[0])
+
+    @torch.no_grad()
+    def _reference(self, j: int) -> torch.Tensor | None:
+        if not divergence.needs_reference(self.distance):
+            return None
+        rows = self.teacher_hidden[j].reshape(-1, self.teacher_hidden[j].shape[-1])
+        step = self._row_block()
+        return torch.cat([divergence.reference(self.distance, self._logits(rows[r:r + step]))
+                          for r in range(0, rows.shape[0], step)])
+
+    @torch.no_grad()
+    def _restrict_vocab(self, k: int) -> None:
+        """Score only the union of the dense model's top-k tokens over all calibration positions."""
+        ids = []
+        for hid in self.teacher_hidden:
+            rows = hid.reshape(-1, hid.shape[-1])
+            step = self._row_block()
+            for r in range(0, rows.shape[0], step):
+                ids.append(self._logits(rows[r:r + step]).topk(min(k, self.vocab), dim=-1).indices.unique())
+        self.subset = torch.cat(ids).unique()
+        self._weight = self.head.weight.index_select(0, self.subset)
+        self._bias = None if self.head.bias is None else self.head.bias.index_select(0, self.subset)
+        log.info("top-%d vocabulary: scoring %d of %d tokens", k, self.subset.numel(), self.vocab)
+
+    @torch.no_grad()
+    def score_hidden(self, final: torch.Tensor, j: int, ref: torch.Tensor | None = None,
+                     limit: float = math.inf) -> ChunkScore:
+        """Distance over chunk j's scored tokens for last-block outputs [b_j, T, d].
+
+        Rows go through the head block by block, in `row_order[j]` (most divergent tokens of the
+        last winner first: any order gives the same sum, this one crosses `limit` soonest). Once
+        the sum exceeds `limit` the remaining rows are skipped and the sum is only a lower bound.
+        """
+        ref = self.refs[j] if ref is None else ref
+        rows = final.reshape(-1, final.shape[-1])
+        targets = self.targets[j]
+        order = self.row_order[j]
+        step = self._row_block()
+        total, seen = 0.0, 0
+        values = []
+        for r in range(0, rows.shape[0], step):
+            idx = order[r:r + step] if order is not None else slice(r, r + step)
+            tgt = targets[idx]
+            v = divergence.block_values(self.distance, None if ref is None else ref[idx], self._logits(rows[idx]), tgt)
+            values.append(v)
+            total += float(v.double().sum())
+            seen += divergence.count_scored(self.distance, tgt)
+            if total > limit and r + step < rows.shape[0]:
+                return ChunkScore(total, seen, False)
+        per_token = torch.cat(values)
+        if order is not None:  # back to the natural row order
+            per_token = torch.empty_like(per_token).index_copy_(0, order, per_token)
+        return ChunkScore(total, seen, True, per_token)
+
+    def order_rows(self, j: int, per_token: torch.Tensor | None) -> None:
+        """Score chunk j's rows in descending order of these per-token values from now on."""
+        self.row_order[j] = None if per_token is None else torch.argsort(per_token, descending=True, stable=True)
+
+    # ---- what-if scoring ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def chunk_sums(self, cands: Sequence[Candidate], j: int,
+                   limits: Sequence[float] | None = None) -> list[ChunkScore]:
+        """For each candidate: the distance on chunk j of the current model with that candidate also
+        removed; scoring a candidate stops early once its sum passes its limit.
+
+        All candidates run as one stacked batch: a candidate joins at its `end` boundary with the
+        residual cached at its `start`, and every later (still present) sublayer runs once on the stack.
+        """
+        if not cands:
+            return []
+        limits = [math.inf] * len(cands) if limits is None else limits
+        order = sorted(range(len(cands)), key=lambda i: cands[i].end)
+        b = self.chunk_tokens[j].shape[0]
+        x: torch.Tensor | None = None
+        owners: list[int] = []
+        k = 0
+        for q in range(cands[order[0]].end, self.n_positions + 1):
+            joining = []
+            while k < len(order) and cands[order[k]].end == q:
+                joining.append(self.h[cands[order[k]].start][j])
+                owners.append(order[k])
+                k += 1
+            if joining:
+                x = torch.cat(([x] if x is not None else []) + joining)
+            if q < self.n_positions and q not in self.removed:
+                x = self._run(q, x, j)
+        out: list[ChunkScore] = [ChunkScore(0.0, 0, True)] * len(cands)
+        for slot, i in enumerate(owners):
+            out[i] = self.score_hidden(x[slot * b:(slot + 1) * b], j, limit=limits[i])
+        return out
+
+    @torch.no_grad()
+    def full_vocab_distance(self) -> float:
+        """The current model's distance to the dense one over the whole vocabulary (ignores any top-k)."""
+        saved = (self.subset, self._weight, self._bias)
+        self.subset, self._weight, self._bias = None, self.head.weight, self.head.bias
+        try:
+            total = sum(self.score_hidden(self.h[-1][j], j, ref=self._reference(j)).total
+                        for j in range(self.n_chunks))
+        finally:
+            self.subset, self._weight, self._bias = saved
+        return divergence.finalize(self.distance, total, self.total_scored, self.vocab)
+
+
+def _plain_kwargs(layer: int, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    if args:
+        raise RuntimeError(f"decoder layer {layer} was called with {len(args)} positional arguments besides the "
+                           f"hidden states; llmprune's sublayer runner only supports keyword arguments")
+    return kwargs
+
+
+def _repeat_batch(obj: Any, b: int, n: int) -> Any:
+    """Layer kwargs captured for a micro-batch of b rows, made fit for n = m·b stacked rows.
+
+    Tensors whose leading dimension is b (> 1) are tiled m times; batch-1 tensors (position
+    embeddings, masks) broadcast as they are.
+    """
+    if n == b or b == 1:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.repeat(n // b, *([1] * (obj.ndim - 1))) if obj.ndim >= 2 and obj.shape[0] == b else obj
+    if isinstance(obj, tuple):
+        return tuple(_repeat_batch(o, b, n) for o in obj)
+    if isinstance(obj, list):
+        return [_repeat_batch(o, b, n) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _repeat_batch(v, b, n) for k, v in obj.items()}
+    return obj

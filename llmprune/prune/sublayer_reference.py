@@ -1,0 +1,109 @@
+"""The straightforward greedy step: for every candidate, a full forward under `surgery.simulate`.
+
+Costs Σ(C−k) full forwards of the calibration set (each with the LM head over the whole
+vocabulary). It is kept as the yardstick for the fast implementation (tests and
+`scripts/bench_finercut.py`): no gradients, eval mode, the dense reference cached once, the same
+per-token distances on the same micro-batches, and it stops at the target.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import surgery
+from ..families.base import Geometry
+from ..plan import AttnPlan, MlpPlan, Plan
+from . import divergence
+from .common import PruneContext
+from .residual_stream import LOGIT_BLOCK_ELEMS, Candidate
+from .sublayer_search import SearchStats
+
+
+def sublayer_plan(geometry: list[Geometry], gone: set[tuple[int, str]], method: str = "finercut") -> Plan:
+    """A Plan dropping the (layer, "attn" | "mlp") sublayers in `gone`, and those the model already lacks."""
+    plan = Plan.identity(geometry, method=method)
+    for i, (g, lp) in enumerate(zip(geometry, plan.layers)):
+        if not g.has_attn or (i, "attn") in gone:
+            lp.attn = AttnPlan(drop=True)
+        if not g.has_mlp or (i, "mlp") in gone:
+            lp.mlp = MlpPlan(drop=True)
+    plan.validate()
+    return plan
+
+
+def removed_set(cands: list[Candidate]) -> set[tuple[int, str]]:
+    return {(c.layer, kind) for c in cands for kind in c.sublayers}
+
+
+class ReferenceSearch:
+    """Same interface as sublayer_search.Search, computed the slow, obvious way."""
+
+    def __init__(self, ctx: PruneContext, distance: str):
+        self.ctx, self.distance = ctx, divergence.check_distance(distance)
+        device = torch.device(ctx.device) if ctx.device is not None else next(ctx.model.parameters()).device
+        self.batches = [b.to(device) for b in ctx.require_tokens().split(max(1, ctx.batch_size))]
+        self.targets = [divergence.next_token_targets(b) for b in self.batches]
+        self.total_scored = sum(divergence.scored_tokens(distance, b) for b in self.batches)
+        self.vocab = ctx.family.lm_head(ctx.model).out_features
+        self.removed: list[Candidate] = []
+        self.stats = SearchStats()
+        self.n_tokens = sum(b.numel() for b in self.batches)
+        self.n_sublayers = sum(g.has_attn + g.has_mlp for g in ctx.geometry)
+        self.refs = [self._reference(b) for b in self.batches]  # dense model, once
+        self._count(self.n_sublayers)
+
+    def _rows(self) -> int:
+        return max(1, LOGIT_BLOCK_ELEMS // self.vocab)
+
+    @torch.no_grad()
+    def _reference(self, batch: torch.Tensor) -> torch.Tensor | None:
+        if not divergence.needs_reference(self.distance):
+            return None
+        logits = self.ctx.model(input_ids=batch, use_cache=False).logits
+        logits = logits.reshape(-1, logits.shape[-1])
+        step = self._rows()
+        return torch.cat([divergence.reference(self.distance, logits[r:r + step])
+                          for r in range(0, logits.shape[0], step)])
+
+    @torch.no_grad()
+    def _sum(self, removed: list[Candidate]) -> float:
+        """Distance sum over all calibration tokens of the model with `removed` gone (full forwards)."""
+        plan = sublayer_plan(self.ctx.geometry, removed_set(removed))
+        total = 0.0
+        step = self._rows()
+        with surgery.simulate(self.ctx.model, plan, self.ctx.family):
+            for batch, ref, targets in zip(self.batches, self.refs, self.targets):
+                logits = self.ctx.model(input_ids=batch, use_cache=False).logits
+                logits = logits.reshape(-1, logits.shape[-1])
+                for r in range(0, logits.shape[0], step):
+                    part = None if ref is None else ref[r:r + step]
+                    total += divergence.token_sum(self.distance, part, logits[r:r + step], targets[r:r + step])
+        return total
+
+    def _count(self, sublayers_run: int) -> None:
+        """Work of one full forward (a simulated-away sublayer is not computed)."""
+        self.stats.body_tokens += sublayers_run * self.n_tokens
+        self.stats.head_tokens += self.n_tokens
+
+    def reference_step(self, available: list[Candidate]) -> tuple[Candidate, float]:
+        best, best_sum = None, math.inf
+        for c in sorted(available, key=lambda c: c.index):  # strict < keeps the lowest index on ties
+            s = self._sum(self.removed + [c])
+            self._count(self.n_sublayers - sum(len(r.sublayers) for r in self.removed + [c]))
+            self.stats.candidate_chunks += len(self.batches)
+            self.stats.full_equivalents += 1
+            if s < best_sum:
+                best, best_sum = c, s
+        assert best is not None
+        return best, best_sum
+
+    def remove(self, cand: Candidate) -> None:
+        self.removed.append(cand)
+
+    def final_distance(self, order: list, exact_vocab: bool = False) -> float:  # noqa: ARG002
+        self._count(self.n_sublayers - sum(len(r.sublayers) for r in self.removed))
+        return divergence.finalize(self.distance, self._sum(self.removed), self.total_scored, self.vocab)
+
+
+__all__ = ["ReferenceSearch", "removed_set", "sublayer_plan"]

@@ -1,0 +1,167 @@
+"""One greedy step of sublayer removal: find the candidate whose removal changes the output least.
+
+`race` is exact: it returns the argmin (sum, canonical index) over the candidates it is given,
+the same as scoring every candidate on every token. Candidates are tried most-promising first
+(their mean per-token value at the last step they were scored), a few at a time as one stacked
+batch, one calibration micro-batch ("chunk") after another. Per-token values are non-negative,
+so a partial sum is a lower bound of the full sum: once it exceeds the best full sum found so far
+the candidate cannot win and is dropped without seeing the remaining chunks.
+
+`exact_step` races every candidate. `fast_step` (approximate) races only a short list: between
+periodic full scans the best `rescore_top` of the previous step, probed on a fraction of the
+chunks first, of which the best `finalists` go on to the (exact) race on all chunks.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+from .residual_stream import Candidate, ChunkScore, ResidualStream
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .finercut import FastOptions
+
+
+@dataclass
+class SearchStats:
+    """Work done by the search, in candidate × chunk evaluations (one chunk = one micro-batch)."""
+
+    candidate_chunks: int = 0  # (candidate, chunk) pairs scored
+    full_equivalents: float = 0.0  # candidate_chunks / chunks: candidates scored on all tokens, equivalently
+    abandoned: int = 0  # candidates dropped early by the lower bound
+    full_scans: int = 0  # fast mode: steps that scored every candidate
+    body_tokens: int = 0  # Σ tokens × sublayers run (decoder work, including the dense pass)
+    head_tokens: int = 0  # tokens through the final norm + LM head (+ distance)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["full_equivalents"] = round(d["full_equivalents"], 3)
+        return d
+
+
+class Search:
+    """Greedy-search state over a ResidualStream: per-candidate estimates carried between steps."""
+
+    def __init__(self, stream: ResidualStream):
+        self.stream = stream
+        self.est: dict[int, float] = {}  # candidate index -> mean per-token value when last scored
+        self.stats = SearchStats()
+        # Chunks are scored in this order. Any fixed order is exact; putting first the chunks on which
+        # the last winner diverged most makes hopeless candidates cross the bound sooner.
+        self.chunk_order = list(range(stream.n_chunks))
+
+    @property
+    def total_scored(self) -> int:
+        return self.stream.total_scored
+
+    @property
+    def vocab(self) -> int:
+        return self.stream.vocab
+
+    def remove(self, cand: Candidate) -> None:
+        self.stream.remove(cand)
+
+    def final_distance(self, order: list, exact_vocab: bool = False) -> float:  # noqa: ARG002
+        """Distance of the final model to the dense one, over the full vocabulary and all tokens."""
+        value = self.stream.full_vocab_distance()
+        self.stats.body_tokens = self.stream.work["body_tokens"]
+        self.stats.head_tokens = self.stream.work["head_tokens"]
+        return value
+
+    def priority(self, c: Candidate) -> tuple:
+        # Scored before: lowest estimate first. Never scored: deepest first (cheap suffix, often least important).
+        return (0, self.est[c.index], c.index) if c.index in self.est else (1, -c.start, c.index)
+
+    def probe(self, cands: list[Candidate], n_chunks: int, batch: int, tally: Tally) -> None:
+        """Score every candidate fully on the first n_chunks chunks (no abandoning); update estimates."""
+        for g in range(0, len(cands), batch):
+            group = cands[g:g + batch]
+            for k in range(n_chunks):
+                self._score(group, k, tally, math.inf)
+        self._estimate(cands, tally)
+
+    def race(self, cands: list[Candidate], batch: int, tally: Tally | None = None) -> tuple[Candidate, float]:
+        """Exact argmin of (full sum, index) over `cands`, with early abandoning. Returns (winner, its sum)."""
+        tally = Tally() if tally is None else tally
+        n = self.stream.n_chunks
+        best: Candidate | None = None
+        best_sum = math.inf
+        order = sorted(cands, key=self.priority)
+        for g in range(0, len(order), batch):
+            alive = [c for c in order[g:g + batch] if tally.sum(c) <= best_sum]
+            while alive and any(tally.done(c) < n for c in alive):
+                k = min(tally.done(c) for c in alive)
+                self._score([c for c in alive if tally.done(c) == k], k, tally, best_sum)
+                kept = [c for c in alive if tally.sum(c) <= best_sum]  # sums only grow: the rest cannot win
+                self.stats.abandoned += len(alive) - len(kept)
+                alive = kept
+            for c in alive:
+                if (tally.sum(c), c.index) < (best_sum, best.index if best else math.inf):
+                    best, best_sum = c, tally.sum(c)
+        self._estimate(cands, tally)
+        assert best is not None, "race needs at least one candidate"
+        winner = tally.per_chunk.get(best.index, {})
+        self.chunk_order.sort(key=lambda j: -winner[j].total if j in winner else 0.0)  # stable sort
+        for j, score in winner.items():
+            self.stream.order_rows(j, score.per_token)
+        return best, best_sum
+
+    def _score(self, group: list[Candidate], k: int, tally: Tally, best_sum: float) -> None:
+        """Score `group` on the k-th chunk of the chunk order (each member has done exactly k)."""
+        j = self.chunk_order[k]
+        limits = [best_sum - tally.sum(c) for c in group]
+        for c, score in zip(group, self.stream.chunk_sums(group, j, limits)):
+            tally.add(c, j, score, k + 1 if score.complete else self.stream.n_chunks)
+        self.stats.candidate_chunks += len(group)
+        self.stats.full_equivalents += len(group) / self.stream.n_chunks
+
+    def _estimate(self, cands: list[Candidate], tally: Tally) -> None:
+        for c in cands:
+            if tally.seen.get(c.index):
+                self.est[c.index] = tally.sum(c) / tally.seen[c.index]
+
+
+class Tally:
+    """Per-candidate running sums within one step: sum, scored tokens seen, chunks done."""
+
+    def __init__(self) -> None:
+        self.sums: dict[int, float] = {}
+        self.seen: dict[int, int] = {}
+        self.chunks: dict[int, int] = {}  # chunks of the chunk order done (all of them once abandoned)
+        self.per_chunk: dict[int, dict[int, ChunkScore]] = {}  # candidate -> chunk id -> its score there
+
+    def sum(self, c: Candidate) -> float:
+        return self.sums.get(c.index, 0.0)
+
+    def done(self, c: Candidate) -> int:
+        return self.chunks.get(c.index, 0)
+
+    def add(self, c: Candidate, j: int, score: ChunkScore, done: int) -> None:
+        self.per_chunk.setdefault(c.index, {})[j] = score
+        self.sums[c.index] = self.sum(c) + score.total
+        self.seen[c.index] = self.seen.get(c.index, 0) + score.seen
+        self.chunks[c.index] = done
+
+
+def exact_step(search: Search, available: list[Candidate], batch: int) -> tuple[Candidate, float]:
+    """The candidate the straightforward algorithm would pick, and its distance sum."""
+    return search.race(available, batch)
+
+
+def fast_step(search: Search, available: list[Candidate], step: int, opts: FastOptions,
+              batch: int) -> tuple[Candidate, float]:
+    """Approximate step: re-score a short list on a probe of the tokens, race the finalists on all of them."""
+    full = step % opts.full_scan_every == 0 or any(c.index not in search.est for c in available)
+    pool = available if full else sorted(available, key=search.priority)[:opts.rescore_top]
+    search.stats.full_scans += full
+    n = search.stream.n_chunks
+    probe = min(n, max(1, math.ceil(opts.probe_fraction * n)))
+    tally = Tally()
+    if probe < n and len(pool) > opts.finalists:
+        search.probe(pool, probe, batch, tally)
+        pool = sorted(pool, key=search.priority)[:opts.finalists]
+    return search.race(pool, batch, tally)
+
+
+__all__ = ["Search", "SearchStats", "Tally", "exact_step", "fast_step"]
