@@ -196,7 +196,7 @@ def run(model_id: str, recipe: ResolvedRecipe, out: str | Path, *, device: str =
     t = time.perf_counter()
     info = {
         "params": params,
-        "provenance": provenance(loaded, recipe, cal_desc, command, dtype=str(next(pruned.parameters()).dtype)),
+        "provenance": provenance(loaded, recipe, cal_desc, command, dtype=str(next(pruned.parameters()).dtype).removeprefix("torch.")),
         "timings": timings,
     }
     save_pruned(pruned, loaded.tokenizer, out, plan, info=info, overwrite=overwrite)

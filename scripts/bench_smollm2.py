@@ -33,7 +33,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 import llmprune as lp  # noqa: E402
-from llmprune.evaluate.bench import BenchSettings, median_iqr, random_prompts  # noqa: E402
+from llmprune.evaluate.bench import BenchSettings, random_prompts  # noqa: E402
 from llmprune.evaluate.flops import attention_flops, linear_flops, lm_head_flops  # noqa: E402
 from llmprune.evaluate.speed import model_shape, speed_table  # noqa: E402
 from llmprune.plan import AttnPlan, Plan  # noqa: E402

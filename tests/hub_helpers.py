@@ -61,7 +61,7 @@ def nonuniform_checkpoint(out: Path, tiny_tokenizer: Any, report: bool = True) -
     pruned = surgery.apply(model, plan)
     info = {"params": params_summary(plan, before, count_params(pruned)),
             "provenance": {"llmprune_version": "0.1.0", "created": "2026-11-23T11:00:00Z", "base_model": SMOL,
-                           "model_arg": "smollm2-135m", "method": "finercut", "seed": 0, "dtype": "torch.float32",
+                           "model_arg": "smollm2-135m", "method": "finercut", "seed": 0, "dtype": "float32",
                            "command": "llmprune --model smollm2-135m --recipe finercut --sparsity 0.25 -o out/tiny",
                            "calibration": {"spec": "wikitext2", "kind": "preset", "name": "wikitext2",
                                            "config": "wikitext-2-raw-v1", "split": "train", "nsamples": 8,

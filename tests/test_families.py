@@ -7,7 +7,6 @@ from transformers import GPT2Config
 from llmprune.families import UnsupportedModelError, family_for
 from llmprune.families.base import Geometry
 
-from .conftest import make_model
 
 
 def test_unsupported_architecture_lists_supported():
@@ -47,7 +46,7 @@ def test_half_blocks_compose_to_the_decoder_layer(tiny_model, tokens):
     walker = BlockWalker(tiny_model, fam, tokens, batch_size=2)
     for i in range(len(fam.layers(tiny_model))):
         block = fam.block(tiny_model, i)
-        h, (args, kwargs) = walker.hidden[0], walker.layer_args[i][0]
+        h, (_, kwargs) = walker.hidden[0], walker.layer_args[i][0]
         with torch.no_grad():
             want = walker.run(i)[0]
             got = fam.mlp_residual(block, fam.attn_residual(block, h, kwargs))

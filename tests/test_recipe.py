@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from llmprune import api
 from llmprune.prune import get_pruner

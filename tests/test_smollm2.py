@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 import llmprune as lp
 from llmprune.cli import main

@@ -73,19 +73,6 @@ class LlamaFamily:
         """hidden + mlp(post_attention_layernorm(hidden)): the second half of a decoder layer. [b, T, d]."""
         return hidden + block.mlp.module(block.mlp.norm(hidden))
 
-    def set_num_kv_groups(self, attn: nn.Module, n_q: int, n_kv: int) -> None:
-        """Keep HF's repeat_kv consistent after heads were sliced away."""
-        attn.num_key_value_groups = n_q // n_kv
-
-    def remove_sublayer(self, layer: nn.Module, which: str) -> None:
-        """Delete a sublayer from a live HF decoder layer (only valid on llmprune decoder layers)."""
-        if which == "attn":
-            del layer.self_attn, layer.input_layernorm
-            layer.has_attn = False
-        else:
-            del layer.mlp, layer.post_attention_layernorm
-            layer.has_mlp = False
-
     # ---- shapes -------------------------------------------------------------------------------------
     def head_dim(self, config: Any) -> int:
         hd = getattr(config, "head_dim", None)
