@@ -224,8 +224,21 @@ def cmd_inspect(args: argparse.Namespace, argv: list[str]) -> int:
         if doc.get("artifacts"):
             print(f"artifacts: {', '.join(str(path / a) for a in doc['artifacts'])}")
         for key, val in (doc.get("results") or {}).items():
-            print(f"result {key}: {json.dumps(val)[:200]}")
+            print(_result_line(path, key, val))
     return 0
+
+
+def _result_line(path: Path, key: str, val: Any) -> str:
+    """One readable line per stored result (the full data stays in pruning.json / report.json)."""
+    if isinstance(val, dict) and isinstance(val.get("perplexity"), (int, float)):
+        data = val.get("dataset") or {}
+        where = f" on {data.get('spec')} [{data.get('split')}]" if isinstance(data, dict) and data.get("spec") else ""
+        who = f" ({val['model']})" if val.get("model") else ""
+        return f"result {key}{who}: perplexity {val['perplexity']:.3f}{where}"
+    if key == "report" and (path / "report.md").exists():
+        return f"result report: {path / 'report.md'}"
+    text = json.dumps(val, default=str)
+    return f"result {key}: {text if len(text) <= 120 else text[:117] + '...'}"
 
 
 def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
