@@ -55,8 +55,9 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
         print(res.plan.summary())
     from .prune.finercut_report import removal_report
 
-    if removal_report(res.plan):
-        print(removal_report(res.plan))
+    removals = removal_report(res.plan)
+    if removals:
+        print(removals)
     print(summary_table(res.params, res.timings["total_s"], res.out))
     if eval_req is not None:
         from .evaluate.runner import print_summary
