@@ -10,7 +10,8 @@ weight is edited; the family runs half-blocks through `attn_residual` / `mlp_res
 
 Memory: (sublayers + 1) × tokens × hidden in the model dtype for the boundaries, plus the dense
 model's reference (tokens × vocabulary float32 log-probabilities or logits; tokens × k with a
-top-k vocabulary) and its final hidden states.
+top-k vocabulary) and its final hidden states, plus the vocabulary bound's slices (per chunk, the
+head rows of a few thousand token ids, and tokens × k float64 dense probabilities).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 from ..calibrate.walker import BlockWalker
 from ..families import Family
 from . import divergence
+from .vocab_bound import VocabBound, supports
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +57,23 @@ class Candidate:
 
 @dataclass
 class ChunkScore:
-    """A candidate's distance on one chunk: sum of per-token values, scored tokens seen, and whether
-    every row was scored (else `total` is a lower bound); `per_token` [b·T] when complete."""
+    """A candidate's distance on one chunk, in one of three states:
+
+    - exact (`complete`): `total` is the sum of the per-token values, `per_token` [b·T] holds them;
+    - stopped: exact values of only some rows, summed until they passed a limit — a lower bound;
+    - bound (`hidden` set): the sum of the vocabulary bound's per-token lower bounds; `hidden` is the
+      candidate's last-block output [b, T, d] on the chunk, kept to score it exactly later if needed.
+    """
 
     total: float
     seen: int
     complete: bool
     per_token: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+
+    @property
+    def bound_only(self) -> bool:
+        return self.hidden is not None
 
 
 class ResidualStream:
@@ -73,18 +85,23 @@ class ResidualStream:
     """
 
     def __init__(self, model: nn.Module, family: Family, tokens: torch.Tensor, distance: str, batch_size: int = 1,
-                 device: torch.device | str | None = None, topk_vocab: int = 0, progress: bool = True):
+                 device: torch.device | str | None = None, topk_vocab: int = 0, bound_topk: int = 0,
+                 progress: bool = True):
         self.model, self.family, self.distance = model, family, divergence.check_distance(distance)
         walker = BlockWalker(model, family, tokens, batch_size=batch_size, device=device)
         self.device = walker.device
         self.chunk_tokens = [b.to(self.device) for b in walker.batches]  # [b_j, T] ids
         self.layer_kwargs = [[_plain_kwargs(i, args, kw) for args, kw in per_batch]
                              for i, per_batch in enumerate(walker.layer_args)]
+        # Chunks of the same shape whose layers got identical arguments (no padding: the usual case) are
+        # interchangeable in a stacked batch; chunk_class[j] is the first such chunk.
+        self.chunk_class = [next(i for i in range(j + 1) if self._same_chunk(i, j)) for j in range(self.n_chunks)]
         self.positions = [(g_i, kind) for g_i, g in enumerate(family.geometry(model))
                           for kind, present in (("attn", g.has_attn), ("mlp", g.has_mlp)) if present]
         self._blocks = {i: family.block(model, i) for i, _ in self.positions}
         self.removed: set[int] = set()
-        self.work = {"body_tokens": 0, "head_tokens": 0}  # token × sublayer runs, tokens through the LM head
+        # token × sublayer runs, tokens through the full LM head, tokens through the bound's vocabulary slice
+        self.work = {"body_tokens": 0, "head_tokens": 0, "bound_tokens": 0}
         P = len(self.positions)
         self.h: list[list[torch.Tensor]] = [walker.hidden] + [[] for _ in range(P)]
         self._recompute_from(0, progress=progress, desc="residual stream")
@@ -99,6 +116,9 @@ class ResidualStream:
             self._restrict_vocab(topk_vocab)
         self.refs = [self._reference(j) for j in range(self.n_chunks)]
         self.row_order: list[torch.Tensor | None] = [None] * self.n_chunks
+        self.bound: VocabBound | None = None  # cheap lower bounds of the per-token values (exact search aid)
+        if bound_topk and supports(distance) and self.subset is None:
+            self._build_bound(bound_topk)
 
     # ---- shape of the data -----------------------------------------------------------------------
     @property
@@ -112,6 +132,10 @@ class ResidualStream:
     @property
     def total_scored(self) -> int:
         return sum(self.n_scored)
+
+    def _same_chunk(self, i: int, j: int) -> bool:
+        return (i == j or self.chunk_tokens[i].shape == self.chunk_tokens[j].shape
+                and all(_same(kw[i], kw[j]) for kw in self.layer_kwargs))
 
     # ---- running sublayers -----------------------------------------------------------------------
     @torch.no_grad()
@@ -157,6 +181,19 @@ class ResidualStream:
         step = self._row_block()
         return torch.cat([divergence.reference(self.distance, self._logits(rows[r:r + step]))
                           for r in range(0, rows.shape[0], step)])
+
+    @torch.no_grad()
+    def _build_bound(self, k: int) -> None:
+        self.bound = VocabBound(self.distance, self.head.weight, self.head.bias, k)
+        head_tokens = self.work["head_tokens"]
+        step = self._row_block()
+        for j, hid in enumerate(self.teacher_hidden):
+            rows = hid.reshape(-1, hid.shape[-1])
+            self.bound.add_chunk((self._logits(rows[r:r + step]), self.targets[j][r:r + step])
+                                 for r in range(0, rows.shape[0], step))
+        self.work["head_tokens"] = head_tokens  # the dense logits were computed once already, for the reference
+        log.info("vocabulary bound: top-%d dense tokens per position, %.1f%% of the head per chunk on average",
+                 self.bound.k, 100.0 * self.bound.size / (self.n_chunks * self.vocab))
 
     @torch.no_grad()
     def _restrict_vocab(self, k: int) -> None:
@@ -208,35 +245,64 @@ class ResidualStream:
 
     # ---- what-if scoring ---------------------------------------------------------------------------
     @torch.no_grad()
-    def chunk_sums(self, cands: Sequence[Candidate], j: int,
-                   limits: Sequence[float] | None = None) -> list[ChunkScore]:
-        """For each candidate: the distance on chunk j of the current model with that candidate also
-        removed; scoring a candidate stops early once its sum passes its limit.
+    def bound_score(self, final: torch.Tensor, j: int) -> ChunkScore:
+        """Lower bound of the distance on chunk j for last-block outputs [b_j, T, d] (needs `self.bound`)."""
+        assert self.bound is not None
+        rows = final.reshape(-1, final.shape[-1])
+        self.work["bound_tokens"] += rows.shape[0]
+        values = self.bound.values(j, self.norm(rows))
+        return ChunkScore(float(values.sum()), divergence.count_scored(self.distance, self.targets[j]), False,
+                          hidden=final)
 
-        All candidates run as one stacked batch: a candidate joins at its `end` boundary with the
-        residual cached at its `start`, and every later (still present) sublayer runs once on the stack.
+    def chunk_sums(self, cands: Sequence[Candidate], j: int, limits: Sequence[float] | None = None,
+                   bound: bool = False) -> list[ChunkScore]:
+        """`pair_sums` for several candidates on the same chunk j."""
+        return self.pair_sums([(c, j) for c in cands], limits, bound)
+
+    @torch.no_grad()
+    def pair_sums(self, pairs: Sequence[tuple[Candidate, int]], limits: Sequence[float] | None = None,
+                  bound: bool = False) -> list[ChunkScore]:
+        """For each (candidate, chunk j): the distance on chunk j of the current model with that candidate
+        also removed; scoring stops early once its sum passes its limit. With `bound`, only the vocabulary
+        bound's lower bound is computed (and the last-block output kept).
+
+        Pairs run as one stacked batch per group of interchangeable chunks (same shape and layer
+        arguments): a pair joins at its candidate's `end` boundary with the residual cached at its `start`,
+        and every later (still present) sublayer runs once on the stack.
         """
-        if not cands:
-            return []
-        limits = [math.inf] * len(cands) if limits is None else limits
-        order = sorted(range(len(cands)), key=lambda i: cands[i].end)
-        b = self.chunk_tokens[j].shape[0]
+        limits = [math.inf] * len(pairs) if limits is None else limits
+        out: list[ChunkScore | None] = [None] * len(pairs)
+        groups: dict[int, list[int]] = {}
+        for i, (_, j) in enumerate(pairs):
+            groups.setdefault(self.chunk_class[j], []).append(i)
+        for rep_j, members in groups.items():
+            for i, score in zip(members, self._stacked([pairs[i] for i in members], rep_j,
+                                                       [limits[i] for i in members], bound)):
+                out[i] = score
+        return out  # type: ignore[return-value]
+
+    def _stacked(self, pairs: list[tuple[Candidate, int]], rep_j: int, limits: list[float],
+                 bound: bool) -> list[ChunkScore]:
+        order = sorted(range(len(pairs)), key=lambda i: pairs[i][0].end)
+        b = self.chunk_tokens[rep_j].shape[0]
         x: torch.Tensor | None = None
         owners: list[int] = []
         k = 0
-        for q in range(cands[order[0]].end, self.n_positions + 1):
+        for q in range(pairs[order[0]][0].end, self.n_positions + 1):
             joining = []
-            while k < len(order) and cands[order[k]].end == q:
-                joining.append(self.h[cands[order[k]].start][j])
+            while k < len(order) and pairs[order[k]][0].end == q:
+                c, j = pairs[order[k]]
+                joining.append(self.h[c.start][j])
                 owners.append(order[k])
                 k += 1
             if joining:
                 x = torch.cat(([x] if x is not None else []) + joining)
             if q < self.n_positions and q not in self.removed:
-                x = self._run(q, x, j)
-        out: list[ChunkScore] = [ChunkScore(0.0, 0, True)] * len(cands)
+                x = self._run(q, x, rep_j)
+        out: list[ChunkScore] = [ChunkScore(0.0, 0, True)] * len(pairs)
         for slot, i in enumerate(owners):
-            out[i] = self.score_hidden(x[slot * b:(slot + 1) * b], j, limit=limits[i])
+            final, j = x[slot * b:(slot + 1) * b], pairs[i][1]
+            out[i] = self.bound_score(final, j) if bound else self.score_hidden(final, j, limit=limits[i])
         return out
 
     @torch.no_grad()
@@ -257,6 +323,20 @@ def _plain_kwargs(layer: int, args: tuple, kwargs: dict[str, Any]) -> dict[str, 
         raise RuntimeError(f"decoder layer {layer} was called with {len(args)} positional arguments besides the "
                            f"hidden states; llmprune's sublayer runner only supports keyword arguments")
     return kwargs
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Structural equality of captured layer arguments (tensors compared by value)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and bool(torch.equal(a, b)))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if a is None or isinstance(a, (bool, int, float, str)):
+        return a == b
+    return a is b  # anything else (a cache object, ...): only the very same object
 
 
 def _repeat_batch(obj: Any, b: int, n: int) -> Any:

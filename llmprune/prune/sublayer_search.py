@@ -29,10 +29,13 @@ class SearchStats:
 
     candidate_chunks: int = 0  # (candidate, chunk) pairs scored
     full_equivalents: float = 0.0  # candidate_chunks / chunks: candidates scored on all tokens, equivalently
-    abandoned: int = 0  # candidates dropped early by the lower bound
+    abandoned: int = 0  # candidates dropped before their sum was complete (partial sums or bounds passed the best)
+    bounded_chunks: int = 0  # of candidate_chunks: scored by the vocabulary bound only (cheap head)
+    tightened: int = 0  # bounded chunks later scored exactly (from the kept last-block output)
     full_scans: int = 0  # fast mode: steps that scored every candidate
     body_tokens: int = 0  # Σ tokens × sublayers run (decoder work, including the dense pass)
-    head_tokens: int = 0  # tokens through the final norm + LM head (+ distance)
+    head_tokens: int = 0  # tokens through the final norm + full LM head (+ distance)
+    bound_tokens: int = 0  # tokens through the vocabulary bound (a slice of the head)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -67,6 +70,7 @@ class Search:
         value = self.stream.full_vocab_distance()
         self.stats.body_tokens = self.stream.work["body_tokens"]
         self.stats.head_tokens = self.stream.work["head_tokens"]
+        self.stats.bound_tokens = self.stream.work["bound_tokens"]
         return value
 
     def priority(self, c: Candidate) -> tuple:
@@ -75,46 +79,81 @@ class Search:
 
     def probe(self, cands: list[Candidate], n_chunks: int, batch: int, tally: Tally) -> None:
         """Score every candidate fully on the first n_chunks chunks (no abandoning); update estimates."""
-        for g in range(0, len(cands), batch):
-            group = cands[g:g + batch]
-            for k in range(n_chunks):
-                self._score(group, k, tally, math.inf)
+        pairs = [(c, k) for c in cands for k in range(tally.done(c), n_chunks)]
+        for g in range(0, len(pairs), batch):
+            self._score_pairs(pairs[g:g + batch], tally, math.inf, bound=False)
         self._estimate(cands, tally)
 
     def race(self, cands: list[Candidate], batch: int, tally: Tally | None = None) -> tuple[Candidate, float]:
-        """Exact argmin of (full sum, index) over `cands`, with early abandoning. Returns (winner, its sum)."""
+        """Exact argmin of (full sum, index) over `cands`, with early abandoning. Returns (winner, its sum).
+
+        1. The most promising candidate (lowest estimate) is scored exactly on every chunk: the first
+           complete sum to beat.
+        2. The others go through a pool of up to `batch` candidates, deepest first (pool members then
+           share most of their suffix, which keeps the stacked batch full); every round each member
+           gets its next chunk — with a vocabulary bound only that chunk's cheap lower bound. A member
+           whose sum passes the best complete sum is dropped; one that has a value on every chunk has
+           its bounded chunks scored exactly from the kept last-block outputs, largest bound first,
+           until it is dropped or complete (then it may become the best).
+        """
         tally = Tally() if tally is None else tally
         n = self.stream.n_chunks
-        best: Candidate | None = None
-        best_sum = math.inf
-        order = sorted(cands, key=self.priority)
-        for g in range(0, len(order), batch):
-            alive = [c for c in order[g:g + batch] if tally.sum(c) <= best_sum]
-            while alive and any(tally.done(c) < n for c in alive):
-                k = min(tally.done(c) for c in alive)
-                self._score([c for c in alive if tally.done(c) == k], k, tally, best_sum)
-                kept = [c for c in alive if tally.sum(c) <= best_sum]  # sums only grow: the rest cannot win
-                self.stats.abandoned += len(alive) - len(kept)
-                alive = kept
-            for c in alive:
-                if (tally.sum(c), c.index) < (best_sum, best.index if best else math.inf):
-                    best, best_sum = c, tally.sum(c)
+        ranked = sorted(cands, key=self.priority)
+        first = ranked[0]
+        while tally.done(first) < n:
+            ks = range(tally.done(first), min(n, tally.done(first) + batch))
+            self._score_pairs([(first, k) for k in ks], tally, math.inf, bound=False)
+        best, best_sum = first, tally.sum(first)
+        queue = sorted(ranked[1:], key=lambda c: (-c.start, c.index))
+        active: list[Candidate] = []
+        while queue or active:
+            while len(active) < batch and queue:
+                active.append(queue.pop(0))
+            pairs = [(c, tally.done(c)) for c in active if tally.done(c) < n and tally.sum(c) <= best_sum]
+            if pairs:
+                self._score_pairs(pairs, tally, best_sum, bound=self.stream.bound is not None)
+            still = []
+            for c in active:
+                if tally.sum(c) <= best_sum and tally.done(c) == n:
+                    for j in tally.bounded(c):
+                        if tally.sum(c) > best_sum:
+                            break
+                        self._tighten(c, j, tally, best_sum)
+                    if tally.sum(c) <= best_sum and (tally.sum(c), c.index) < (best_sum, best.index):
+                        best, best_sum = c, tally.sum(c)
+                if tally.sum(c) > best_sum:
+                    self.stats.abandoned += 1
+                elif tally.done(c) < n:
+                    still.append(c)
+                    continue
+                tally.release(c)
+            active = still
         self._estimate(cands, tally)
-        assert best is not None, "race needs at least one candidate"
         winner = tally.per_chunk.get(best.index, {})
         self.chunk_order.sort(key=lambda j: -winner[j].total if j in winner else 0.0)  # stable sort
         for j, score in winner.items():
             self.stream.order_rows(j, score.per_token)
+        tally.release_all()
         return best, best_sum
 
-    def _score(self, group: list[Candidate], k: int, tally: Tally, best_sum: float) -> None:
-        """Score `group` on the k-th chunk of the chunk order (each member has done exactly k)."""
-        j = self.chunk_order[k]
-        limits = [best_sum - tally.sum(c) for c in group]
-        for c, score in zip(group, self.stream.chunk_sums(group, j, limits)):
-            tally.add(c, j, score, k + 1 if score.complete else self.stream.n_chunks)
-        self.stats.candidate_chunks += len(group)
-        self.stats.full_equivalents += len(group) / self.stream.n_chunks
+    def _score_pairs(self, pairs: list[tuple[Candidate, int]], tally: Tally, best_sum: float, bound: bool) -> None:
+        """Score (candidate, k) pairs — the k-th chunk of the chunk order — as one stacked batch."""
+        jobs = [(c, self.chunk_order[k]) for c, k in pairs]
+        limits = [best_sum - tally.sum(c) for c, _ in pairs]
+        for (c, k), (_, j), score in zip(pairs, jobs, self.stream.pair_sums(jobs, limits, bound=bound)):
+            tally.add(c, j, score, k + 1 if score.complete or score.bound_only else self.stream.n_chunks)
+        self.stats.candidate_chunks += len(pairs)
+        self.stats.full_equivalents += len(pairs) / self.stream.n_chunks
+        self.stats.bounded_chunks += len(pairs) if bound else 0
+
+    def _tighten(self, c: Candidate, j: int, tally: Tally, best_sum: float) -> None:
+        """Replace chunk j's bound by the exact sum (scored from the kept output; stops past the limit)."""
+        held = tally.per_chunk[c.index][j]
+        exact = self.stream.score_hidden(held.hidden, j, limit=best_sum - (tally.sum(c) - held.total))
+        if not exact.complete and exact.total < held.total:  # both bound the chunk from below: keep the larger
+            exact = ChunkScore(held.total, held.seen, False)
+        tally.replace(c, j, exact)
+        self.stats.tightened += 1
 
     def _estimate(self, cands: list[Candidate], tally: Tally) -> None:
         for c in cands:
@@ -142,6 +181,27 @@ class Tally:
         self.sums[c.index] = self.sum(c) + score.total
         self.seen[c.index] = self.seen.get(c.index, 0) + score.seen
         self.chunks[c.index] = done
+
+    def replace(self, c: Candidate, j: int, score: ChunkScore) -> None:
+        old = self.per_chunk[c.index][j]
+        self.per_chunk[c.index][j] = score
+        self.sums[c.index] = self.sum(c) - old.total + score.total
+        self.seen[c.index] = self.seen[c.index] - old.seen + score.seen
+
+    def bounded(self, c: Candidate) -> list[int]:
+        """Chunks of c that have only a bound, largest bound first (they can raise the sum most)."""
+        held = self.per_chunk.get(c.index, {})
+        return sorted((j for j, s in held.items() if s.bound_only), key=lambda j: (-held[j].total, j))
+
+    def release(self, c: Candidate) -> None:
+        """Forget the kept last-block outputs of a candidate that is out of the race (memory)."""
+        for s in self.per_chunk.get(c.index, {}).values():
+            s.hidden = None
+
+    def release_all(self) -> None:
+        for held in self.per_chunk.values():
+            for s in held.values():
+                s.hidden = None
 
 
 def exact_step(search: Search, available: list[Candidate], batch: int) -> tuple[Candidate, float]:
