@@ -53,7 +53,7 @@ class FastOptions(BaseModel):
     rescore_top: int = Field(8, ge=1)  # candidates re-scored between full scans (the best of the last step)
     full_scan_every: int = Field(4, ge=1)  # every this many steps, score every candidate again
     probe_fraction: float = Field(0.25, gt=0.0, le=1.0)  # share of tokens every re-scored candidate sees first
-    finalists: int = Field(3, ge=1)  # best candidates after the probe, scored on all tokens (exactly among them)
+    finalists: int = Field(4, ge=1)  # best candidates after the probe, scored on all tokens (exactly among them)
     topk_vocab: int = Field(0, ge=0)  # >0: distance over the union of the dense top-k tokens (not perplexity)
 
 

@@ -1,11 +1,12 @@
 """One greedy step of sublayer removal: find the candidate whose removal changes the output least.
 
 `race` is exact: it returns the argmin (sum, canonical index) over the candidates it is given,
-the same as scoring every candidate on every token. Candidates are tried most-promising first
-(their mean per-token value at the last step they were scored), a few at a time as one stacked
-batch, one calibration micro-batch ("chunk") after another. Per-token values are non-negative,
-so a partial sum is a lower bound of the full sum: once it exceeds the best full sum found so far
-the candidate cannot win and is dropped without seeing the remaining chunks.
+the same as scoring every candidate on every token. The most promising candidate (its mean
+per-token value at the last step it was scored) is scored first on every calibration micro-batch
+("chunk"); the others then go through a pool, several (candidate, chunk) pairs per stacked batch.
+Per-token values are non-negative, so a partial sum — and, with the vocabulary bound, a sum of
+certified per-token lower bounds — is a lower bound of the full sum: once it exceeds the best full
+sum found so far the candidate cannot win and is dropped without seeing the remaining chunks.
 
 `exact_step` races every candidate. `fast_step` (approximate) races only a short list: between
 periodic full scans the best `rescore_top` of the previous step, probed on a fraction of the
