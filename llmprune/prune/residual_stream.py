@@ -254,11 +254,6 @@ class ResidualStream:
         return ChunkScore(float(values.sum()), divergence.count_scored(self.distance, self.targets[j]), False,
                           hidden=final)
 
-    def chunk_sums(self, cands: Sequence[Candidate], j: int, limits: Sequence[float] | None = None,
-                   bound: bool = False) -> list[ChunkScore]:
-        """`pair_sums` for several candidates on the same chunk j."""
-        return self.pair_sums([(c, j) for c in cands], limits, bound)
-
     @torch.no_grad()
     def pair_sums(self, pairs: Sequence[tuple[Candidate, int]], limits: Sequence[float] | None = None,
                   bound: bool = False) -> list[ChunkScore]:
