@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,11 +114,14 @@ class ResidualStream:
         self.n_scored = [divergence.scored_tokens(distance, t) for t in self.chunk_tokens]
         if topk_vocab and divergence.needs_reference(distance):
             self._restrict_vocab(topk_vocab)
-        self.refs = [self._reference(j) for j in range(self.n_chunks)]
+        # Cheap lower bounds of the per-token values (exact search aid); filled by the same dense pass.
+        self.bound = (VocabBound(distance, self.head.weight, self.head.bias, bound_topk)
+                      if bound_topk and supports(distance) and self.subset is None else None)
+        self.refs = [self._dense_pass(j) for j in range(self.n_chunks)]
         self.row_order: list[torch.Tensor | None] = [None] * self.n_chunks
-        self.bound: VocabBound | None = None  # cheap lower bounds of the per-token values (exact search aid)
-        if bound_topk and supports(distance) and self.subset is None:
-            self._build_bound(bound_topk)
+        if self.bound is not None:
+            log.info("vocabulary bound: top-%d dense tokens per position, %.1f%% of the head per chunk on average",
+                     self.bound.k, 100.0 * self.bound.size / (self.n_chunks * self.vocab))
 
     # ---- shape of the data -----------------------------------------------------------------------
     @property
@@ -173,37 +176,40 @@ class ResidualStream:
     def _row_block(self) -> int:
         return max(1, LOGIT_BLOCK_ELEMS // self._weight.shape[0])
 
+    def _dense_blocks(self, j: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The dense model's logits on chunk j, a block of rows at a time, with the rows' next-token targets."""
+        rows = self.teacher_hidden[j].reshape(-1, self.teacher_hidden[j].shape[-1])
+        step = self._row_block()
+        for r in range(0, rows.shape[0], step):
+            yield self._logits(rows[r:r + step]), self.targets[j][r:r + step]
+
     @torch.no_grad()
     def _reference(self, j: int) -> torch.Tensor | None:
         if not divergence.needs_reference(self.distance):
             return None
-        rows = self.teacher_hidden[j].reshape(-1, self.teacher_hidden[j].shape[-1])
-        step = self._row_block()
-        return torch.cat([divergence.reference(self.distance, self._logits(rows[r:r + step]))
-                          for r in range(0, rows.shape[0], step)])
+        return torch.cat([divergence.reference(self.distance, z) for z, _ in self._dense_blocks(j)])
 
     @torch.no_grad()
-    def _build_bound(self, k: int) -> None:
-        self.bound = VocabBound(self.distance, self.head.weight, self.head.bias, k)
-        head_tokens = self.work["head_tokens"]
-        step = self._row_block()
-        for j, hid in enumerate(self.teacher_hidden):
-            rows = hid.reshape(-1, hid.shape[-1])
-            self.bound.add_chunk((self._logits(rows[r:r + step]), self.targets[j][r:r + step])
-                                 for r in range(0, rows.shape[0], step))
-        self.work["head_tokens"] = head_tokens  # the dense logits were computed once already, for the reference
-        log.info("vocabulary bound: top-%d dense tokens per position, %.1f%% of the head per chunk on average",
-                 self.bound.k, 100.0 * self.bound.size / (self.n_chunks * self.vocab))
+    def _dense_pass(self, j: int) -> torch.Tensor | None:
+        """Chunk j's reference; the vocabulary bound (if any) takes its slices from the same dense logits."""
+        if self.bound is None:
+            return self._reference(j)
+        refs: list[torch.Tensor] = []
+
+        def blocks() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for z, targets in self._dense_blocks(j):
+                if divergence.needs_reference(self.distance):
+                    refs.append(divergence.reference(self.distance, z))
+                yield z, targets
+
+        self.bound.add_chunk(blocks())
+        return torch.cat(refs) if refs else None
 
     @torch.no_grad()
     def _restrict_vocab(self, k: int) -> None:
         """Score only the union of the dense model's top-k tokens over all calibration positions."""
-        ids = []
-        for hid in self.teacher_hidden:
-            rows = hid.reshape(-1, hid.shape[-1])
-            step = self._row_block()
-            for r in range(0, rows.shape[0], step):
-                ids.append(self._logits(rows[r:r + step]).topk(min(k, self.vocab), dim=-1).indices.unique())
+        ids = [z.topk(min(k, self.vocab), dim=-1).indices.unique()
+               for j in range(self.n_chunks) for z, _ in self._dense_blocks(j)]
         self.subset = torch.cat(ids).unique()
         self._weight = self.head.weight.index_select(0, self.subset)
         self._bias = None if self.head.bias is None else self.head.bias.index_select(0, self.subset)
