@@ -4,29 +4,73 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shlex
 import time
 from pathlib import Path
 from typing import Any
 
+from .errors import UsageError
+
+log = logging.getLogger(__name__)
+
+
+FLAG_KEYS = (("sparsity", "sparsity"), ("target_sublayers", "pruner.target_sublayers"),
+             ("calibration", "calibration.source"), ("nsamples", "calibration.nsamples"),
+             ("seqlen", "calibration.seqlen"), ("seed", "calibration.seed"), ("batch_size", "calibration.batch_size"))
+
 
 def _recipe_from_args(args: argparse.Namespace):  # noqa: ANN202
-    from .recipe import load_recipe, parse_override
+    from .recipe import RecipeError, load_recipe, parse_override
 
     overrides: dict[str, Any] = dict(parse_override(o) for o in args.overrides)
     if args.sparsity is not None and args.target_sublayers is not None:
-        raise ValueError("give one target: --sparsity (fraction of parameters) or --target-sublayers (fraction of "
+        raise UsageError("give one target: --sparsity (fraction of parameters) or --target-sublayers (fraction of "
                          "sublayers), not both")
-    for flag, key in (("sparsity", "sparsity"), ("target_sublayers", "pruner.target_sublayers"),
-                      ("calibration", "calibration.source"), ("nsamples", "calibration.nsamples"),
-                      ("seqlen", "calibration.seqlen"), ("seed", "calibration.seed"),
-                      ("batch_size", "calibration.batch_size")):
+    given = {}
+    for flag, key in FLAG_KEYS:
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
-    recipe = load_recipe(args.recipe, overrides)
+            given[key] = "--" + flag.replace("_", "-")
+    try:
+        recipe = load_recipe(args.recipe, overrides)
+    except RecipeError as e:
+        if "pruner.target_sublayers" in given:
+            _target_sublayers_needs_finercut(args, {k: v for k, v in overrides.items() if k != "pruner.target_sublayers"})
+        raise _name_flags(e, given) from None
     explicit_source = args.calibration is not None or any(k == "calibration.source" for k in overrides) or \
         _recipe_sets_source(recipe.origin)
     return recipe, explicit_source
+
+
+def _target_sublayers_needs_finercut(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
+    from .recipe import RecipeError, load_recipe
+
+    try:
+        method = load_recipe(args.recipe, overrides).method
+    except RecipeError:
+        return
+    if method != "finercut":
+        raise UsageError(f"--target-sublayers is FinerCut's target (a fraction of sublayers to remove); recipe "
+                         f"{args.recipe!r} uses method {method!r}, which takes --sparsity. Use --recipe finercut, "
+                         f"or --sparsity")
+
+
+def _name_flags(e: Exception, given: dict[str, str]) -> Exception:
+    """A recipe error about a value that came from a flag names the flag, not the built-in recipe file."""
+    from .recipe import RecipeError
+
+    lines = str(e).splitlines()
+    out, from_flags = [], True
+    for line in lines[1:]:
+        key = line.strip().split(":", 1)[0]
+        if key in given:
+            line = line.replace(f"{key}:", f"{given[key]} (recipe key {key}):", 1)
+        elif line.startswith("  "):
+            from_flags = False
+        out.append(line)
+    head = "invalid command-line value:" if from_flags and out else lines[0]
+    return RecipeError("\n".join([head, *out]))
 
 
 def _recipe_sets_source(origin: str) -> bool:
@@ -39,7 +83,7 @@ def _recipe_sets_source(origin: str) -> bool:
     return "source" in (data.get("calibration") or {})
 
 
-def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
+def cmd_prune(args: argparse.Namespace, argv: list[str]) -> int:
     from . import api
 
     recipe, explicit = _recipe_from_args(args)
@@ -70,7 +114,7 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
         from .hub import PushError, push_to_hub
 
         try:
-            pushed = push_to_hub(res.out, args.push_to_hub, private=args.hub_private, revision=args.hub_revision,
+            pushed = push_to_hub(res.out, args.push_to_hub, private=args.hub_private, revision=args.hub_branch,
                                  token=args.hub_token, endpoint=args.hub_endpoint)
         except PushError as e:
             raise PushError(f"{e}\nThe checkpoint is saved in {res.out}; to retry only the upload: "
@@ -103,7 +147,7 @@ def _pushed_line(r: Any) -> str:
 def cmd_push(args: argparse.Namespace, argv: list[str]) -> int:
     from .hub import push_to_hub
 
-    r = push_to_hub(args.path, args.repo_id, private=args.private, revision=args.revision, token=args.token,
+    r = push_to_hub(args.path, args.repo_id, private=args.private, revision=args.branch, token=args.token,
                     endpoint=args.endpoint, commit_message=args.commit_message, dry_run=args.dry_run)
     if r.dry_run:
         card = "README.md written" if r.card_written else "README.md kept (not generated by llmprune)"
@@ -122,7 +166,7 @@ def _main_eval_request(args: argparse.Namespace):  # noqa: ANN202
 
     if args.eval_tasks is None and args.eval_data is None:
         if args.eval_baseline or args.eval_limit is not None or args.include_path:
-            raise ValueError("--eval-baseline / --eval-limit / --include-path need --eval-tasks or --eval-data")
+            raise UsageError("--eval-baseline / --eval-limit / --include-path need --eval-tasks or --eval-data")
         return None
     tasks = parse_task_spec(args.eval_tasks, limit=_limit(args.eval_limit)) if args.eval_tasks else []
     if tasks:
@@ -137,7 +181,7 @@ def _limit(x: float | None) -> int | float | None:
     if x is None:
         return None
     if x <= 0:
-        raise ValueError(f"--limit must be positive, got {x:g}")
+        raise UsageError(f"--limit must be positive, got {x:g}")
     return x if x < 1 else int(x)
 
 
@@ -160,10 +204,15 @@ def cmd_plan(args: argparse.Namespace, argv: list[str]) -> int:
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:
-        raise ValueError(f"{out} exists; pass --overwrite to replace it")
+        raise UsageError(f"{out} exists; pass --overwrite to replace it")
     recipe, explicit = _recipe_from_args(args)
     t = time.perf_counter()
+    if out.parent.exists() and not out.parent.is_dir():
+        raise UsageError(f"-o {out}: {out.parent} is a file, not a directory")
+    if out.is_dir():
+        raise UsageError(f"-o {out} is a directory; the plan is one JSON file, e.g. -o {out / 'plan.json'}")
     loaded = api.load(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
+    api.check_fits(loaded.model.config, recipe)
     tokens = None
     from .prune import get_pruner
 
@@ -172,6 +221,7 @@ def cmd_plan(args: argparse.Namespace, argv: list[str]) -> int:
     plan = api.make_plan(loaded.model, recipe, tokens, family=loaded.family, base_model=loaded.base_model,
                          offload=args.offload, progress=not args.quiet)
     plan.base_revision = args.revision
+    plan.base_identity = loaded.identity
     out.parent.mkdir(parents=True, exist_ok=True)
     plan.save(out)
     print(plan.summary())
@@ -181,18 +231,29 @@ def cmd_plan(args: argparse.Namespace, argv: list[str]) -> int:
 
 def cmd_apply(args: argparse.Namespace, argv: list[str]) -> int:
     from . import api, surgery
-    from .checkpoint import check_output_dir, save_pruned
+    from .checkpoint import check_output_dir, check_runnable, save_pruned
+    from .identity import describe, mismatch
     from .plan import Plan
 
     t = time.perf_counter()
-    check_output_dir(args.output, args.overwrite)
+    check_output_dir(args.output, args.overwrite, inputs=(*api.input_paths(args.model), Path(args.plan)))
     plan = Plan.load(args.plan)
+    check_runnable(plan)
     loaded = api.load(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
+    differs = mismatch(plan.base_identity, loaded.identity)
+    if differs:
+        msg = (f"the plan {args.plan} was made for {describe(plan.base_identity)}, but --model {args.model} is "
+               f"another model ({differs}); its kept units and compensation biases were computed on that model")
+        if not args.force:
+            raise UsageError(msg + ". Pass the model it was made for, or --force to apply it anyway")
+        log.warning("%s; applying anyway (--force)", msg)
     before = api.count_params(loaded.model)
     pruned = surgery.apply(loaded.model, plan, loaded.family)
     params = api.params_summary(plan, before, api.count_params(pruned))
-    info = {"params": params, "provenance": {"applied_from": str(args.plan), "model_arg": args.model,
-                                             "command": "llmprune " + shlex.join(argv)}}
+    info = {"params": params, "provenance": {"applied_from": str(Path(args.plan).resolve()), "model_arg": args.model,
+                                             "revision": args.revision, "base": loaded.identity,
+                                             "forced": bool(differs) or None,
+                                             "command": "llmprune " + shlex.join(_redact_secrets(argv))}}
     save_pruned(pruned, loaded.tokenizer, args.output, plan, info=info, overwrite=args.overwrite)
     print(summary_table(params, time.perf_counter() - t, args.output))
     return 0
@@ -250,7 +311,7 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
 
     tasks = parse_task_spec(args.tasks, args.num_fewshot, _limit(args.limit)) if args.tasks else []
     if not tasks and (args.limit is not None or args.num_fewshot is not None or args.include_path):
-        raise ValueError("--limit / --num-fewshot / --include-path apply to lm-eval tasks; add --tasks")
+        raise UsageError("--limit / --num-fewshot / --include-path apply to lm-eval tasks; add --tasks")
     ppl = None
     if args.data is not None or not tasks:  # perplexity only: the old behaviour of `eval`
         ppl = PerplexityRequest(source=args.data or "wikitext2", split=args.split, seqlen=args.seqlen,
@@ -259,7 +320,7 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
     is_ckpt = (path / "pruning.json").exists()
     report_dir = Path(args.report) if args.report else (path if is_ckpt else None)
     if report_dir is not None and not report_dir.is_dir():
-        raise ValueError(f"--report {report_dir}: no such directory")
+        raise UsageError(f"--report {report_dir}: no such directory")
     req = EvalRequest(tasks=tasks, include_paths=args.include_path, perplexity=ppl, batch_size=args.batch_size,
                       baseline=args.baseline, use_cache=not args.no_cache)
     outcome = api.run_eval(args.path, req, report_dir=report_dir, device=args.device, dtype=args.dtype,
@@ -295,7 +356,7 @@ def cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         batch_sizes = tuple(int(b) for b in args.batch_sizes.split(",") if b.strip())
     except ValueError:
-        raise ValueError(f"--batch-sizes {args.batch_sizes!r}: expected comma-separated integers, e.g. 1,4") from None
+        raise UsageError(f"--batch-sizes {args.batch_sizes!r}: expected comma-separated integers, e.g. 1,4") from None
     settings = BenchSettings(prompt_len=args.prompt_len, decode_tokens=args.decode_tokens, batch_sizes=batch_sizes,
                              repeats=args.repeats, warmup=args.warmup, threads=args.threads)
     report = api.run_bench(args.path, args.baseline, settings, device=args.device, dtype=args.dtype,
@@ -305,3 +366,7 @@ def cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
     print(speed_table(report["speed"]))
     print(f"report: {Path(args.report or args.path) / 'report.md'}")
     return 0
+
+
+COMMANDS = {"prune": cmd_prune, "plan": cmd_plan, "apply": cmd_apply, "inspect": cmd_inspect, "eval": cmd_eval,
+            "bench": cmd_bench, "push": cmd_push}

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import data
+from ..errors import UsageError
 
 
 @dataclass
@@ -46,7 +47,7 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int, batch_size: 
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
     if n_windows == 0:
-        raise ValueError(f"the evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}; "
+        raise UsageError(f"the evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}; "
                          f"lower --seqlen or use more text")
     device = next(model.parameters()).device
     windows = tokens[: n_windows * seqlen].view(n_windows, seqlen)
