@@ -73,8 +73,16 @@ def publish(staging: str | Path, out: str | Path) -> None:
     else:
         old = staging_name(out, "old")
         _rename(out, old)
-        _rename(staging, out)  # the one non-atomic window; `recover` repairs a crash right here
-    _remove(old)
+        try:
+            _rename(staging, out)  # the one non-atomic window; `recover` repairs a crash right here
+        except BaseException:
+            _rename(old, out)  # put the old directory back before reporting the failure
+            raise
+    try:
+        _remove(old)
+    except OSError as e:  # the new directory is in place: the save succeeded, only the cleanup did not
+        log.warning("%s is in place, but removing the replaced copy %s failed (%s); remove it with: rm -rf %s",
+                    out, old, e, _quote(old))
 
 
 def _rename(src: Path, dst: Path) -> None:

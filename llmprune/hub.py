@@ -134,10 +134,10 @@ def resolve_token(token: str | None = None, api: HfApi | None = None) -> str:
 def preflight(repo_id: str, token: str | None = None, api: HfApi | None = None,
               endpoint: str | None = None) -> tuple[HfApi, str, str, dict[str, Any]]:
     """Cheap checks before any work: offline mode, token, whoami, repo id. Returns (api, token, repo_id, whoami)."""
+    _check_repo_id(repo_id)  # before anything else: a typo never reaches the Hub
     if constants.is_offline_mode():
         raise _usage("HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, so huggingface_hub refuses all network "
                         "access; unset it to push (the checkpoint stays on disk, push later with `llmprune push`)")
-    _check_repo_id(repo_id)  # before any network call: a typo never reaches the Hub
     tok = resolve_token(token, api)
     api = api or HfApi(endpoint=endpoint, token=tok)
     who = _call("check the token (whoami)", repo_id, api, lambda: api.whoami(token=tok))

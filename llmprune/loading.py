@@ -208,11 +208,19 @@ def load_tokenizer(path: str, revision: str | None, model_id: str) -> Any:
 
 
 def check_vocab(config: Any, tokenizer: Any, model_id: str) -> None:
-    """A tokenizer that emits ids beyond the embedding table would crash (or read garbage) mid-run."""
+    """A tokenizer whose base vocabulary exceeds the embedding table would crash (or read garbage) mid-run.
+    Added tokens beyond it (a pad token a fine-tune appended) only matter if emitted: a warning."""
     vocab = getattr(config, "vocab_size", None)
-    if vocab is not None and tokenizer is not None and len(tokenizer) > vocab:
-        raise ModelLoadError(f"the tokenizer of {model_id!r} has {len(tokenizer)} tokens but the model's vocab_size "
-                             f"is {vocab}: ids >= {vocab} have no embedding. Use the model's own tokenizer")
+    if vocab is None or tokenizer is None:
+        return
+    base = getattr(tokenizer, "vocab_size", None)
+    if isinstance(base, int) and base > vocab:
+        raise ModelLoadError(f"the tokenizer of {model_id!r} has {base} tokens but the model's vocab_size is "
+                             f"{vocab}: ids >= {vocab} have no embedding. Use the model's own tokenizer")
+    if len(tokenizer) > vocab:
+        extra = [t for t, i in tokenizer.get_added_vocab().items() if i >= vocab]
+        log.warning("the tokenizer of %s has added tokens beyond the model's vocab_size %d (%s); text containing "
+                    "them cannot be embedded", model_id, vocab, ", ".join(extra[:5]))
 
 
 def _identity(model_id: str, path: str, revision: str | None, config: Any) -> dict[str, Any] | None:
