@@ -69,7 +69,10 @@ def publish(staging: str | Path, out: str | Path) -> None:
         return
     if _exchange(staging, out):  # out is new now; staging holds the old copy
         old = staging_name(out, "old")
-        _rename(staging, old)
+        try:
+            _rename(staging, old)  # so a crash during the removal leaves a leftover named for what it is
+        except OSError:
+            old = staging
     else:
         old = staging_name(out, "old")
         _rename(out, old)

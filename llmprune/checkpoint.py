@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,9 @@ def check_output_dir(out: str | Path, overwrite: bool, inputs: tuple[str | Path,
             rel = "is" if res == src else ("contains" if res in src.parents else "is inside")
             raise CheckpointError(f"output directory {out} {rel} the input {inp}; saving there would destroy the "
                                   f"input. Choose another -o")
+    existing = next((a for a in (out, *out.parents) if a.exists()), None)
+    if existing is not None and not os.access(existing if existing.is_dir() else existing.parent, os.W_OK):
+        raise CheckpointError(f"cannot write to {out}: {existing} is not writable (permission denied)")
     recover(out)
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
@@ -120,6 +124,10 @@ def save_pruned(model: nn.Module, tokenizer: Any, out: str | Path, plan: Plan, i
         if verify:
             _verify(model, tmp)
         atomic.publish(tmp, out)
+    except OSError as e:  # disk full, permissions, a vanished directory: a run failure, not a bug
+        atomic.discard(tmp)
+        kept = "the previous checkpoint there is unchanged" if out.exists() else "nothing was written there"
+        raise CheckpointError(f"could not write the checkpoint {out}: {e}; {kept}", exit_code=EXIT_FAILURE) from e
     except BaseException:
         atomic.discard(tmp)
         raise

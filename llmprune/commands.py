@@ -24,10 +24,10 @@ def _recipe_from_args(args: argparse.Namespace):  # noqa: ANN202
     from .recipe import RecipeError, load_recipe, parse_override
 
     overrides: dict[str, Any] = dict(parse_override(o) for o in args.overrides)
+    given = {key: f"--set {key}" for key in overrides}
     if args.sparsity is not None and args.target_sublayers is not None:
         raise UsageError("give one target: --sparsity (fraction of parameters) or --target-sublayers (fraction of "
                          "sublayers), not both")
-    given = {}
     for flag, key in FLAG_KEYS:
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
@@ -65,7 +65,8 @@ def _name_flags(e: Exception, given: dict[str, str]) -> Exception:
     for line in lines[1:]:
         key = line.strip().split(":", 1)[0]
         if key in given:
-            line = line.replace(f"{key}:", f"{given[key]} (recipe key {key}):", 1)
+            label = given[key] if given[key].startswith("--set") else f"{given[key]} (recipe key {key})"
+            line = line.replace(f"{key}:", f"{label}:", 1)
         elif line.startswith("  "):
             from_flags = False
         out.append(line)
@@ -203,14 +204,14 @@ def cmd_plan(args: argparse.Namespace, argv: list[str]) -> int:
     from . import api
 
     out = Path(args.output)
+    if out.is_dir():
+        raise UsageError(f"-o {out} is a directory; the plan is one JSON file, e.g. -o {out / 'plan.json'}")
     if out.exists() and not args.overwrite:
         raise UsageError(f"{out} exists; pass --overwrite to replace it")
     recipe, explicit = _recipe_from_args(args)
     t = time.perf_counter()
     if out.parent.exists() and not out.parent.is_dir():
         raise UsageError(f"-o {out}: {out.parent} is a file, not a directory")
-    if out.is_dir():
-        raise UsageError(f"-o {out} is a directory; the plan is one JSON file, e.g. -o {out / 'plan.json'}")
     loaded = api.load(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
     api.check_fits(loaded.model.config, recipe)
     tokens = None
@@ -309,6 +310,8 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
     from .evaluate.runner import EvalRequest, PerplexityRequest, print_summary
     from .evaluate.tasks import parse_task_spec
 
+    if args.seqlen < 2:
+        raise UsageError(f"--seqlen must be at least 2 (a window predicts tokens 2..L), got {args.seqlen}")
     tasks = parse_task_spec(args.tasks, args.num_fewshot, _limit(args.limit)) if args.tasks else []
     if not tasks and (args.limit is not None or args.num_fewshot is not None or args.include_path):
         raise UsageError("--limit / --num-fewshot / --include-path apply to lm-eval tasks; add --tasks")

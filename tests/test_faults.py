@@ -177,12 +177,13 @@ def test_overwrite_failure_at_each_step(tmp_path, tiny_tokenizer, monkeypatch, s
               "remove_old": (atomic, "_remove")}.get(step)
     if target is not None:
         monkeypatch.setattr(*target, boom)
-    if step == "remove_old":  # the new checkpoint is in place: a warning, not a failed save
+    if expect == "new":  # the new checkpoint is in place, only cleanup failed: a warning, not a failed save
         save_pruned(new_model, tiny_tokenizer, out, plan, overwrite=True)
         assert [x.kind for x in atomic.leftovers(out)] == []  # this process's copy: not yet a leftover
     else:
-        with pytest.raises(OSError, match="injected"):
+        with pytest.raises(CheckpointError, match="injected") as e:  # an OSError becomes a clean run failure
             save_pruned(new_model, tiny_tokenizer, out, plan, overwrite=True)
+        assert e.value.exit_code == 1 and "unchanged" in str(e.value)
     monkeypatch.setattr(atomic, "_rename", real_rename)
     assert out.exists(), "the output directory is never missing after a failed save"
     now = _complete(out)

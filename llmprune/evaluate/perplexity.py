@@ -42,7 +42,7 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int, batch_size: 
     if tokens.ndim != 1:
         raise ValueError(f"expected a 1-D token stream, got shape {tuple(tokens.shape)}")
     if seqlen < 2:
-        raise ValueError(f"seqlen must be at least 2, got {seqlen}")
+        raise UsageError(f"--seqlen must be at least 2 (a window predicts tokens 2..L), got {seqlen}")
     n_windows = tokens.numel() // seqlen
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
