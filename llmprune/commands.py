@@ -276,8 +276,7 @@ def cmd_inspect(args: argparse.Namespace, argv: list[str]) -> int:
     if removals:
         print(removals)
     if path.is_dir():
-        doc = json.loads((path / "pruning.json").read_text())
-        cfg = json.loads((path / "config.json").read_text())
+        doc, cfg = _read_json(path / "pruning.json"), _read_json(path / "config.json")
         kind = "non-uniform (llmprune_llama, needs trust_remote_code without llmprune)" \
             if cfg.get("model_type") == "llmprune_llama" else f"uniform (stock {cfg.get('model_type')})"
         print(f"checkpoint: {kind}")
@@ -289,6 +288,18 @@ def cmd_inspect(args: argparse.Namespace, argv: list[str]) -> int:
         for key, val in (doc.get("results") or {}).items():
             print(_result_line(path, key, val))
     return 0
+
+
+def _read_json(p: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{p} is missing: {p.parent} is not a complete checkpoint") from None
+    except (ValueError, OSError) as e:
+        raise UsageError(f"{p} cannot be read ({e}); the checkpoint is damaged, re-create it") from None
+    if not isinstance(doc, dict):
+        raise UsageError(f"{p} is not a JSON object; the checkpoint is damaged, re-create it")
+    return doc
 
 
 def _result_line(path: Path, key: str, val: Any) -> str:
