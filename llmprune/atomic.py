@@ -3,9 +3,10 @@
 Used by every writer of a checkpoint (checkpoint.save_pruned, and the streamed save) so that at every
 instant the target path holds either the complete old directory or the complete new one:
 
-    staging = start(out)          # .NAME.partial-PID, a fresh sibling (same filesystem, so renames are atomic)
-    ... write and verify into staging ...
-    publish(staging, out)         # one atomic swap, then the old copy is removed
+    with staging(out) as tmp:     # .NAME.partial-PID, a fresh sibling (same filesystem, so renames are atomic)
+        ... write and verify into tmp ...
+                                  # on exit: publish(tmp, out), one atomic swap, then the old copy is removed;
+                                  # on any error or interrupt: tmp is removed, out untouched
 
 `publish` exchanges the two directories with Linux renameat2(RENAME_EXCHANGE) when the filesystem
 supports it (no instant without `out`). Elsewhere it renames out -> .NAME.old-PID, then staging -> out;
@@ -16,6 +17,7 @@ found by `leftovers` and reported by `recover`, with their size and the command 
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -23,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +58,20 @@ def start(out: str | Path) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir()
     return tmp
+
+
+@contextlib.contextmanager
+def staging(out: str | Path) -> Iterator[Path]:
+    """Write into the yielded hidden directory; on success it replaces `out` atomically (publish), on any
+    error or interrupt it is removed and `out` stays as it was."""
+    out = Path(out)
+    tmp = start(out)
+    try:
+        yield tmp
+        publish(tmp, out)
+    except BaseException:
+        discard(tmp)
+        raise
 
 
 def discard(staging: str | Path) -> None:
@@ -184,4 +201,4 @@ def _quote(p: Path) -> str:
     return shlex.quote(str(p))
 
 
-__all__ = ["Leftover", "discard", "leftovers", "publish", "recover", "staging_name", "start"]
+__all__ = ["Leftover", "discard", "leftovers", "publish", "recover", "staging", "staging_name", "start"]

@@ -13,10 +13,12 @@ into place; the output path never holds a partial checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,34 +106,43 @@ def save_pruned(model: nn.Module, tokenizer: Any, out: str | Path, plan: Plan, i
     """
     out = check_output_dir(out, overwrite)
     check_runnable(plan)
-    tmp = atomic.start(out)
-    try:
+    with staging(out) as tmp:
         _mark_remote_code(model)
         model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-            _local_tokenizer(tmp)
-        _finish_config(tmp, model)
-        artifacts = _pruner_artifacts(plan, tmp)
-        doc = {"format": CHECKPOINT_FORMAT, "llmprune_version": __version__, "plan": plan.to_dict()}
-        doc.update(plan.extras)  # method reports (e.g. FinerCut's removal_order) also sit at the top level
-        if artifacts:
-            doc["artifacts"] = artifacts
-        doc.update(info or {})
-        (tmp / PRUNING_FILE).write_text(json.dumps(doc, indent=1, default=_json_default) + "\n")
-        if plan.recipe:
-            (tmp / RECIPE_FILE).write_text(yaml.safe_dump(plan.recipe, sort_keys=False))
+        write_extras(tmp, model, tokenizer, plan, info)
         if verify:
             _verify(model, tmp)
-        atomic.publish(tmp, out)
+    return out
+
+
+@contextlib.contextmanager
+def staging(out: Path) -> Iterator[Path]:
+    """A hidden sibling directory to write a checkpoint into, swapped in atomically when the block succeeds
+    and removed on any error or interrupt (atomic.staging); I/O errors become a CheckpointError (exit 1)."""
+    out = Path(out)
+    try:
+        with atomic.staging(out) as tmp:
+            yield tmp
     except OSError as e:  # disk full, permissions, a vanished directory: a run failure, not a bug
-        atomic.discard(tmp)
         kept = "the previous checkpoint there is unchanged" if out.exists() else "nothing was written there"
         raise CheckpointError(f"could not write the checkpoint {out}: {e}; {kept}", exit_code=EXIT_FAILURE) from e
-    except BaseException:
-        atomic.discard(tmp)
-        raise
-    return out
+
+
+def write_extras(tmp: Path, model: nn.Module, tokenizer: Any, plan: Plan, info: dict[str, Any] | None) -> None:
+    """Everything but the weights and config.json: tokenizer, remote-code check, pruning.json, recipe, artifacts."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+        _local_tokenizer(tmp)
+    _finish_config(tmp, model)
+    artifacts = _pruner_artifacts(plan, tmp)
+    doc = {"format": CHECKPOINT_FORMAT, "llmprune_version": __version__, "plan": plan.to_dict()}
+    doc.update(plan.extras)  # method reports (e.g. FinerCut's removal_order) also sit at the top level
+    if artifacts:
+        doc["artifacts"] = artifacts
+    doc.update(info or {})
+    (tmp / PRUNING_FILE).write_text(json.dumps(doc, indent=1, default=_json_default) + "\n")
+    if plan.recipe:
+        (tmp / RECIPE_FILE).write_text(yaml.safe_dump(plan.recipe, sort_keys=False))
 
 
 def _local_tokenizer(path: Path) -> None:
