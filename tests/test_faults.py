@@ -589,3 +589,32 @@ def test_prune_verb_equals_bare_form_and_old_flag_spellings_still_work(tmp_path,
     assert "--hub-revision is deprecated; use --hub-branch" in caplog.text
     assert parse_args(["push", "d", "me/x", "--revision", "v1"]).branch == "v1"
     assert "--revision is deprecated; use --branch" in caplog.text
+
+
+# ---- probes beyond the list ---------------------------------------------------------------------
+@pytest.mark.parametrize("family_name", ["llama"])
+def test_more_user_errors_are_one_clean_line(tmp_path, model_dir, capsys):
+    ck = tmp_path / "ck"
+    assert cli(*prune_args(model_dir, ck)) == 0
+    damaged = tmp_path / "damaged"
+    import shutil
+
+    shutil.copytree(ck, damaged)
+    (damaged / "config.json").write_text("[")
+    cases = [
+        (["eval", ck, "--seqlen", "1", "--data", "python-docs"], "--seqlen must be at least 2"),
+        (["prune", "--model", model_dir, "--recipe", "magnitude", "--set", "pruner.round_to=-5", "-o", tmp_path / "x"],
+         "--set pruner.round_to:"),
+        (["inspect", damaged], "config.json cannot be read"),
+        (["bench", ck, "--baseline", tmp_path / "missing", "--no-memory"], "baseline"),
+        (["plan", "--model", model_dir, "--recipe", "magnitude", "-o", tmp_path], "is a directory; the plan is one"),
+        (["apply", "--model", model_dir, "--plan", ck, "-o", ck, "--overwrite"], "would destroy the input"),
+    ]
+    for args, message in cases:
+        assert cli(*args, "-q") == 2, args
+        err = capsys.readouterr().err
+        assert message in err, (args, err)
+        _no_traceback(err)
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2

@@ -123,7 +123,10 @@ def _baseline_config_and_tokenizer(spec: str) -> tuple[Any, Any]:
     from ..embedded import is_embedded, resolve_embedded
 
     path = str(resolve_embedded(spec)) if is_embedded(spec) else spec
-    check_model_path(path)
+    try:
+        check_model_path(path)
+    except CheckpointError as e:
+        raise BaselineError(f"baseline {spec!r}: " + str(e).replace("checkpoint directory ", "directory ")) from None
     try:
         return AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path)
     except OSError as e:
