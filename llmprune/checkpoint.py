@@ -72,9 +72,9 @@ def check_output_dir(out: str | Path, overwrite: bool, inputs: tuple[str | Path,
             rel = "is" if res == src else ("contains" if res in src.parents else "is inside")
             raise CheckpointError(f"output directory {out} {rel} the input {inp}; saving there would destroy the "
                                   f"input. Choose another -o")
-    existing = next((a for a in (out, *out.parents) if a.exists()), None)
-    if existing is not None and not os.access(existing if existing.is_dir() else existing.parent, os.W_OK):
-        raise CheckpointError(f"cannot write to {out}: {existing} is not writable (permission denied)")
+    writable = next((a for a in out.absolute().parents if a.exists()), None)  # where the staging dir goes
+    if writable is not None and not os.access(writable, os.W_OK):
+        raise CheckpointError(f"cannot write to {out}: {writable} is not writable (permission denied)")
     recover(out)
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:

@@ -17,7 +17,7 @@ from llmprune import atomic, checkpoint
 from llmprune.checkpoint import CheckpointError, load_pruned, save_pruned
 from llmprune.cli import main
 from llmprune.families import family_for
-from llmprune.plan import MlpPlan, Plan
+from llmprune.plan import Plan
 
 from .conftest import make_model
 
