@@ -7,10 +7,13 @@ import json
 import shlex
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .recipe import ResolvedRecipe
 
 
-def _recipe_from_args(args: argparse.Namespace):  # noqa: ANN202
+def _recipe_from_args(args: argparse.Namespace) -> ResolvedRecipe:
     from .recipe import load_recipe, parse_override
 
     overrides: dict[str, Any] = dict(parse_override(o) for o in args.overrides)
@@ -23,33 +26,20 @@ def _recipe_from_args(args: argparse.Namespace):  # noqa: ANN202
                       ("batch_size", "calibration.batch_size")):
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
-    recipe = load_recipe(args.recipe, overrides)
-    explicit_source = args.calibration is not None or any(k == "calibration.source" for k in overrides) or \
-        _recipe_sets_source(recipe.origin)
-    return recipe, explicit_source
-
-
-def _recipe_sets_source(origin: str) -> bool:
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(origin).read_text()) or {}
-    except OSError:
-        return False
-    return "source" in (data.get("calibration") or {})
+    return load_recipe(args.recipe, overrides)
 
 
 def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     from . import api
 
-    recipe, explicit = _recipe_from_args(args)
+    recipe = _recipe_from_args(args)
     if args.push_to_hub:  # fail on a missing/invalid token now, not after an hour of pruning
         from .hub import preflight
 
         preflight(args.push_to_hub, token=args.hub_token, endpoint=args.hub_endpoint)
     eval_req = _main_eval_request(args)  # bad task names fail here, before any pruning work
     res = api.run(args.model, recipe, args.output, device=args.device, dtype=args.dtype, overwrite=args.overwrite,
-                  explicit_source=explicit, offload=args.offload, revision=args.revision, progress=not args.quiet,
+                  offload=args.offload, revision=args.revision, progress=not args.quiet,
                   command="llmprune " + shlex.join(_redact_secrets(argv)), keep_model=eval_req is not None)
     if not args.quiet:
         print(res.plan.summary())
@@ -161,14 +151,14 @@ def cmd_plan(args: argparse.Namespace, argv: list[str]) -> int:
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise ValueError(f"{out} exists; pass --overwrite to replace it")
-    recipe, explicit = _recipe_from_args(args)
+    recipe = _recipe_from_args(args)
     t = time.perf_counter()
     loaded = api.load(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
     tokens = None
     from .prune import get_pruner
 
     if get_pruner(recipe.method).wants_data(recipe.options):
-        tokens, _ = api.calibration_tokens(loaded.tokenizer, recipe, explicit_source=explicit)
+        tokens, _ = api.calibration_tokens(loaded.tokenizer, recipe)
     plan = api.make_plan(loaded.model, recipe, tokens, family=loaded.family, base_model=loaded.base_model,
                          offload=args.offload, progress=not args.quiet)
     plan.base_revision = args.revision
@@ -253,8 +243,7 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
         raise ValueError("--limit / --num-fewshot / --include-path apply to lm-eval tasks; add --tasks")
     ppl = None
     if args.data is not None or not tasks:  # perplexity only: the old behaviour of `eval`
-        ppl = PerplexityRequest(source=args.data or "wikitext2", split=args.split, seqlen=args.seqlen,
-                                max_windows=args.max_windows, explicit=args.data is not None)
+        ppl = PerplexityRequest(source=args.data, split=args.split, seqlen=args.seqlen, max_windows=args.max_windows)
     path = Path(args.path)
     is_ckpt = (path / "pruning.json").exists()
     report_dir = Path(args.report) if args.report else (path if is_ckpt else None)
