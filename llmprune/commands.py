@@ -189,6 +189,7 @@ def cmd_apply(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace, argv: list[str]) -> int:
+    from .checkpoint import PRUNING_FILE
     from .plan import Plan
 
     path = Path(args.path)
@@ -204,7 +205,7 @@ def cmd_inspect(args: argparse.Namespace, argv: list[str]) -> int:
     if removals:
         print(removals)
     if path.is_dir():
-        doc = json.loads((path / "pruning.json").read_text())
+        doc = json.loads((path / PRUNING_FILE).read_text())
         cfg = json.loads((path / "config.json").read_text())
         kind = "non-uniform (llmprune_llama, needs trust_remote_code without llmprune)" \
             if cfg.get("model_type") == "llmprune_llama" else f"uniform (stock {cfg.get('model_type')})"
@@ -214,27 +215,40 @@ def cmd_inspect(args: argparse.Namespace, argv: list[str]) -> int:
             print(f"total params {p['total_before']:,} -> {p['total_after']:,} ({p['total_sparsity']:.2%} removed)")
         if doc.get("artifacts"):
             print(f"artifacts: {', '.join(str(path / a) for a in doc['artifacts'])}")
-        for key, val in (doc.get("results") or {}).items():
-            print(_result_line(path, key, val))
+        print("\n".join(_report_lines(path)))
     return 0
 
 
-def _result_line(path: Path, key: str, val: Any) -> str:
-    """One readable line per stored result (the full data stays in pruning.json / report.json)."""
-    if isinstance(val, dict) and isinstance(val.get("perplexity"), (int, float)):
-        data = val.get("dataset") or {}
-        where = f" on {data.get('spec')} [{data.get('split')}]" if isinstance(data, dict) and data.get("spec") else ""
-        who = f" ({val['model']})" if val.get("model") else ""
-        return f"result {key}{who}: perplexity {val['perplexity']:.3f}{where}"
-    if key == "report" and (path / "report.md").exists():
-        return f"result report: {path / 'report.md'}"
-    text = json.dumps(val, default=str)
-    return f"result {key}: {text if len(text) <= 120 else text[:117] + '...'}"
+def _report_lines(path: Path) -> list[str]:
+    """A few readable lines from the checkpoint's report.json (the full data stays there and in report.md)."""
+    from .evaluate.report import REPORT_JSON, REPORT_MD
+
+    file = path / REPORT_JSON
+    if not file.is_file():
+        return ["evaluation: none stored (run `llmprune eval DIR`)"]
+    try:
+        report = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        return [f"evaluation: {file} is not valid JSON ({e})"]
+    lines = []
+    for name, e in (report.get("perplexity") or {}).items():
+        base = f", baseline {e['baseline']:.3f}" if isinstance(e.get("baseline"), (int, float)) else ""
+        if isinstance(e.get("pruned"), (int, float)):
+            lines.append(f"perplexity on {name} [{e.get('split')}]: {e['pruned']:.3f}{base}")
+    avg = report.get("tasks_average") or {}
+    if isinstance(avg.get("pruned"), (int, float)):
+        kept = f" ({avg['retained_pct']:.1f} % of the baseline)" if isinstance(avg.get("retained_pct"), (int, float)) \
+            else ""
+        lines.append(f"lm-eval tasks: mean {avg['pruned']:.4f} over {avg.get('n_tasks')} task(s){kept}")
+    if report.get("speed"):
+        lines.append("speed: measured (see the report)")
+    lines.append(f"report: {path / REPORT_MD}")
+    return lines
 
 
 def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
     from . import api
-    from .checkpoint import update_results
+    from .checkpoint import PRUNING_FILE
     from .evaluate.runner import EvalRequest, PerplexityRequest, print_summary
     from .evaluate.tasks import parse_task_spec
 
@@ -245,7 +259,7 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
     if args.data is not None or not tasks:  # perplexity only: the old behaviour of `eval`
         ppl = PerplexityRequest(source=args.data, split=args.split, seqlen=args.seqlen, max_windows=args.max_windows)
     path = Path(args.path)
-    is_ckpt = (path / "pruning.json").exists()
+    is_ckpt = (path / PRUNING_FILE).exists()
     report_dir = Path(args.report) if args.report else (path if is_ckpt else None)
     if report_dir is not None and not report_dir.is_dir():
         raise ValueError(f"--report {report_dir}: no such directory")
@@ -262,14 +276,6 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
         width = max(len(r[0]) for r in rows)
         for label, p, nll in rows:
             print(f"  {label.ljust(width)}  ppl {p:10.3f}   nll {nll:.4f}")
-        if is_ckpt:  # the flat keys earlier versions wrote, kept for readers of pruning.json
-            common = {"n_windows": e["n_windows"], "seqlen": e["seqlen"], "n_tokens": e["n_tokens"]}
-            legacy: dict[str, Any] = {"perplexity": {"dataset": e["source"], "perplexity": e["pruned"],
-                                                     "nll": e["pruned_nll"], **common}}
-            if e.get("baseline") is not None:
-                legacy["perplexity_baseline"] = {"model": req.baseline, "perplexity": e["baseline"],
-                                                 "nll": e["baseline_nll"], **common}
-            update_results(path, legacy)
     if run.get("tasks"):
         print(print_summary({"tasks": run["tasks"], "tasks_average": run.get("tasks_average")}))
     if report_dir is not None:

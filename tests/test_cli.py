@@ -32,8 +32,10 @@ def test_main_job_then_inspect_and_eval(tmp_path, model_dir, text_file, capsys):
     assert "linear params" in capsys.readouterr().out
     assert run_cli("eval", out, "--data", text_file, "--seqlen", "32", "--max-windows", "4", "-q") == 0
     assert "ppl" in capsys.readouterr().out
-    ppl = json.loads((out / "pruning.json").read_text())["results"]["perplexity"]
-    assert ppl["n_windows"] == 4 and ppl["perplexity"] > 1
+    ppl = json.loads((out / "report.json").read_text())["perplexity"][str(text_file.resolve())]
+    assert ppl["n_windows"] == 4 and ppl["pruned"] > 1
+    assert run_cli("inspect", out) == 0
+    assert f"perplexity on {text_file.resolve()} [all]: {ppl['pruned']:.3f}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("family_name", ["mistral"])
