@@ -114,7 +114,7 @@ def _mark_remote_code(model: nn.Module) -> None:
 def _finish_config(path: Path, model: nn.Module) -> None:
     cfg_path = path / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    if cfg.get("model_type") == "llmprune_llama":
+    if cfg.get("model_type") == LlmpruneLlamaConfig.model_type:
         amap = cfg.setdefault("auto_map", {})
         amap.setdefault("AutoConfig", "configuration_llmprune.LlmpruneLlamaConfig")
         amap.setdefault("AutoModel", "modeling_llmprune.LlmpruneLlamaModel")
@@ -160,13 +160,6 @@ def load_pruned(path: str | Path, device: str | torch.device | None = None, dtyp
     model.eval()
     tok = AutoTokenizer.from_pretrained(path) if with_tokenizer else None
     return model, tok
-
-
-def read_pruning_info(path: str | Path) -> dict[str, Any]:
-    p = Path(path) / PRUNING_FILE
-    if not p.exists():
-        raise CheckpointError(f"{path} has no {PRUNING_FILE}: not an llmprune checkpoint")
-    return json.loads(p.read_text())
 
 
 def now_iso() -> str:

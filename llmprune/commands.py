@@ -189,6 +189,7 @@ def cmd_apply(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace, argv: list[str]) -> int:
+    from .card_facts import CUSTOM_MODEL_TYPE
     from .checkpoint import PRUNING_FILE
     from .plan import Plan
 
@@ -208,7 +209,7 @@ def cmd_inspect(args: argparse.Namespace, argv: list[str]) -> int:
         doc = json.loads((path / PRUNING_FILE).read_text())
         cfg = json.loads((path / "config.json").read_text())
         kind = "non-uniform (llmprune_llama, needs trust_remote_code without llmprune)" \
-            if cfg.get("model_type") == "llmprune_llama" else f"uniform (stock {cfg.get('model_type')})"
+            if cfg.get("model_type") == CUSTOM_MODEL_TYPE else f"uniform (stock {cfg.get('model_type')})"
         print(f"checkpoint: {kind}")
         if "params" in doc:
             p = doc["params"]
