@@ -216,8 +216,11 @@ def cmd_inspect(args: argparse.Namespace, argv: list[str]) -> int:
     if path.is_dir():
         doc = json.loads((path / "pruning.json").read_text())
         cfg = json.loads((path / "config.json").read_text())
-        kind = "non-uniform (llmprune_llama, needs trust_remote_code without llmprune)" \
-            if cfg.get("model_type") == "llmprune_llama" else f"uniform (stock {cfg.get('model_type')})"
+        from .modeling import is_pruned_model_type
+
+        mt = cfg.get("model_type")
+        kind = f"non-uniform ({mt}, needs trust_remote_code without llmprune)" \
+            if is_pruned_model_type(mt) else f"uniform (stock {mt})"
         print(f"checkpoint: {kind}")
         if "params" in doc:
             p = doc["params"]

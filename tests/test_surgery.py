@@ -102,7 +102,7 @@ def test_compensation_is_exact_for_constant_channels(tokens):
 def test_generate_after_dropping_attention(tiny_model):
     plan = mixed_plan(tiny_model)  # layer 0 has no attention at all
     pruned = surgery.apply(tiny_model, plan)
-    assert pruned.config.model_type == "llmprune_llama"
+    assert pruned.config.model_type.startswith("llmprune_")
     prompt = torch.tensor([[5, 17, 42, 8]])
     with_cache = pruned.generate(prompt, max_new_tokens=8, do_sample=False)
     no_cache = pruned.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False)
