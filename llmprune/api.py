@@ -20,95 +20,17 @@ from torch import nn
 
 from . import __version__, data, surgery
 from .checkpoint import CheckpointError, check_output_dir, load_pruned, now_iso, save_pruned
-from .embedded import EMBEDDED, is_embedded, resolve_embedded
+from .embedded import EMBEDDED, is_embedded
 from .evaluate.bench import BenchSettings
-from .evaluate.perplexity import PerplexityResult, perplexity
+from .evaluate.perplexity import eval_perplexity
 from .evaluate.runner import EvalRequest
 from .families import Family, family_for
+from .loading import Loaded, ModelLoadError, count_params, load, resolve_device, resolve_dtype
 from .plan import Plan
 from .prune import PruneContext, get_pruner
 from .recipe import ResolvedRecipe, load_recipe
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-class ModelLoadError(RuntimeError):
-    pass
-
-
-@dataclass
-class Loaded:
-    model: nn.Module
-    tokenizer: Any
-    family: Family
-    model_id: str  # what the user asked for
-    path: str  # what was loaded (local dir or Hub id)
-    base_model: str  # Hub id to credit as the base model
-    revision: str | None = None
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    return dev
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """auto: float32 on CPU (fast and exact there), bfloat16 on GPU."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(sorted(set(DTYPES)))}")
-    return DTYPES[dtype]
-
-
-def load(model_id: str, device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = "auto",
-         revision: str | None = None) -> Loaded:
-    """Load a causal LM (Hub id, local directory, or an embedded name such as `smollm2-135m`) + tokenizer.
-
-    The architecture is checked before any weight is read, so unsupported models fail at once.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    path, base = model_id, model_id
-    if is_embedded(model_id):
-        path, base = str(resolve_embedded(model_id)), EMBEDDED[model_id].hub_id
-    elif Path(model_id).exists() and not (Path(model_id) / "config.json").exists():
-        raise ModelLoadError(f"{model_id} exists but has no config.json: not a Hugging Face model directory")
-    try:
-        config = AutoConfig.from_pretrained(path, revision=revision)
-    except OSError as e:
-        raise ModelLoadError(
-            f"could not load model {model_id!r}: {str(e).splitlines()[0]}\nFix: check the name, log in with "
-            f"`hf auth login` for gated models, pre-download it (HF_HOME cache) when offline, or pass a local "
-            f"directory. The embedded offline model is `smollm2-135m`.") from e
-    family = family_for(config)
-    model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dt)
-    model.to(dev).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
-    if Path(path).is_dir():
-        base = getattr(config, "_name_or_path", None) or base
-        if base == path and (Path(path) / "pruning.json").exists():
-            base = _base_of_checkpoint(path)
-    return Loaded(model=model, tokenizer=tokenizer, family=family, model_id=model_id, path=str(path),
-                  base_model=str(base if not is_embedded(model_id) else EMBEDDED[model_id].hub_id), revision=revision)
-
-
-def _base_of_checkpoint(path: str) -> str:
-    import json
-
-    return json.loads((Path(path) / "pruning.json").read_text()).get("plan", {}).get("base_model") or path
-
 
 def calibration_tokens(tokenizer: Any, recipe: ResolvedRecipe, explicit_source: bool = True) -> tuple[torch.Tensor, dict]:
     """[nsamples, seqlen] calibration tokens as the recipe asks, and a description for provenance."""
@@ -152,10 +74,6 @@ def prune(model: nn.Module, recipe: ResolvedRecipe | str, tokenizer: Any = None,
         calibration, _ = calibration_tokens(tokenizer, recipe)
     plan = make_plan(model, recipe, calibration, family=family, progress=progress)
     return surgery.apply(model, plan, family), plan
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())  # parameters() de-duplicates tied weights
 
 
 @dataclass
@@ -232,16 +150,6 @@ def provenance(loaded: Loaded, recipe: ResolvedRecipe, calibration: dict | None,
         prov["embedded"] = {"name": loaded.model_id, "requirement": EMBEDDED[loaded.model_id].requirement,
                             "note": EMBEDDED[loaded.model_id].note}
     return prov
-
-
-def eval_perplexity(model: nn.Module, tokenizer: Any, source: str = "wikitext2", seqlen: int = 512,
-                    split: str = "test", explicit_source: bool = True, max_windows: int | None = None,
-                    batch_size: int = 1, text_field: str = "text", progress: bool = True) -> tuple[PerplexityResult, dict]:
-    """Perplexity on a named dataset or local text; returns the result and the resolved source."""
-    source = data.resolve_default(source, explicit=explicit_source)
-    tokens, resolved = data.eval_tokens(tokenizer, source, split=split, text_field=text_field)
-    res = perplexity(model, tokens, seqlen=seqlen, batch_size=batch_size, max_windows=max_windows, progress=progress)
-    return res, resolved.to_dict()
 
 
 @dataclass

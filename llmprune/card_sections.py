@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import json
 import shlex
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
-if TYPE_CHECKING:
-    from .modelcard import CardFacts
+from .card_facts import CardFacts
 
 HOW_TO_EVALUATE = "llmprune eval DIR --data wikitext2 --baseline BASE_MODEL"
 

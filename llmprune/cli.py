@@ -206,9 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .families import UnsupportedModelError
     from .plan import PlanError
-    from .prune.allocate import BudgetError
+    from .prune.width.allocate import BudgetError
     from .recipe import RecipeError
-    from .api import ModelLoadError
+    from .loading import ModelLoadError
     from .hub import PushError
 
     handled = (RecipeError, DataError, UnsupportedModelError, PlanError, CheckpointError, BudgetError,

@@ -53,7 +53,7 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
                   command="llmprune " + shlex.join(_redact_secrets(argv)), keep_model=eval_req is not None)
     if not args.quiet:
         print(res.plan.summary())
-    from .prune.finercut_report import removal_report
+    from .prune.finercut.report import removal_report
 
     removals = removal_report(res.plan)
     if removals:
@@ -208,7 +208,7 @@ def cmd_inspect(args: argparse.Namespace, argv: list[str]) -> int:
         return 0
     print(f"method: {plan.method}   base model: {plan.base_model}")
     print(plan.summary())
-    from .prune.finercut_report import removal_report
+    from .prune.finercut.report import removal_report
 
     removals = removal_report(plan)
     if removals:

@@ -169,6 +169,18 @@ class Plan:
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
+def sublayer_plan(geometry: list[Geometry], gone: set[tuple[int, str]], method: str = "finercut") -> Plan:
+    """A Plan dropping the (layer, "attn" | "mlp") sublayers in `gone`, and those the model already lacks."""
+    plan = Plan.identity(geometry, method=method)
+    for i, (g, lp) in enumerate(zip(geometry, plan.layers)):
+        if not g.has_attn or (i, "attn") in gone:
+            lp.attn = AttnPlan(drop=True)
+        if not g.has_mlp or (i, "mlp") in gone:
+            lp.mlp = MlpPlan(drop=True)
+    plan.validate()
+    return plan
+
+
 def _after(g: Geometry, lp: LayerPlan) -> Geometry:
     changes: dict[str, Any] = {}
     a = lp.attn

@@ -66,7 +66,7 @@ def build_checkpoints(out: Path, attn_layers: int, round_ffn: int = 0) -> dict[s
         name = f"mag20-r{round_ffn}"
         ckpts[name] = out / f"smol-mag20-r{round_ffn}"
         if not (ckpts[name] / "pruning.json").exists():
-            from llmprune.prune.magnitude import ffn_channel_norms
+            from llmprune.prune.width.magnitude import ffn_channel_norms
 
             loaded = lp.load(MODEL, device="cpu", dtype="float32")
             plan = Plan.load(ckpts["mag20"])

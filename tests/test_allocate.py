@@ -8,11 +8,11 @@ import torch
 
 from llmprune.calibrate.stats import RunningMoments, Stats, site_name
 from llmprune.families.base import Geometry
-from llmprune.prune.allocate import (BudgetError, LayerUnits, Rules, cfsp_keep_ratios, coarse_to_fine,
+from llmprune.prune.width.allocate import (BudgetError, LayerUnits, Rules, cfsp_keep_ratios, coarse_to_fine,
                                      global_threshold, outlier_ratio, owl, owl_keep_ratios, shape_of, standardize,
                                      uniform)
-from llmprune.prune.budget import attn_kept_params, mlp_kept_params
-from llmprune.prune.common import plan_from_keeps
+from llmprune.prune.width.budget import attn_kept_params, mlp_kept_params
+from llmprune.prune.width.keeps import plan_from_keeps
 
 GQA = Geometry(hidden=64, n_q_heads=6, n_kv_heads=3, head_dim=16, intermediate=128)
 QWEN2 = Geometry(hidden=48, n_q_heads=4, n_kv_heads=2, head_dim=24, intermediate=96, qkv_bias=True)
@@ -198,7 +198,7 @@ def test_outlier_ratio_by_hand():
 
 @pytest.mark.parametrize("geo", [GQA, QWEN2.with_(down_bias=True, mlp_in_bias=True)], ids=["plain", "biases"])
 def test_lazy_ffn_levels_match_the_exact_costs(geo):
-    from llmprune.prune.budget import ffn_levels, nearest_level
+    from llmprune.prune.width.budget import ffn_levels, nearest_level
 
     scores = torch.rand(geo.intermediate, generator=torch.Generator().manual_seed(0))
     for compensate in (False, True):

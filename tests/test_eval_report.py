@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from llmprune import api, surgery
+from llmprune import api, loading, surgery
 from llmprune.checkpoint import save_pruned
 from llmprune.evaluate.report import (REPORT_FORMAT, ReportError, load_report, merge_reports, new_report,
                                       render_markdown, save_report)
@@ -100,8 +100,10 @@ def test_baseline_results_are_cached_in_the_report(tmp_path, model_dir, tiny_tok
                            baseline=str(model_dir))
 
     loads: list[str] = []
-    real_load = api.load
-    monkeypatch.setattr(api, "load", lambda spec, **kw: (loads.append(spec), real_load(spec, **kw))[1])
+    real_load = loading.load
+    counting = lambda spec, **kw: (loads.append(spec), real_load(spec, **kw))[1]  # noqa: E731
+    monkeypatch.setattr(api, "load", counting)  # the checkpoint itself
+    monkeypatch.setattr(loading, "load", counting)  # the baseline (evaluate/runner.py)
     first = api.run_eval(str(ckpt), request(), report_dir=ckpt).report
     assert loads == [str(ckpt), str(model_dir)]
     assert len(first["baseline_cache"]) == 1

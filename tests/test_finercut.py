@@ -13,11 +13,12 @@ from llmprune.checkpoint import load_pruned, save_pruned
 from llmprune.cli import main
 from llmprune.families import family_for
 from llmprune.plan import Plan
-from llmprune.prune import divergence
-from llmprune.prune.allocate import BudgetError
+from llmprune.prune.finercut import divergence
+from llmprune.prune.width.allocate import BudgetError
 from llmprune.prune import PruneContext
-from llmprune.prune.finercut import FinerCutConfig, build_candidates, front_exclusion, plan_at, plan_finercut
-from llmprune.prune.finercut_report import FIGURE_FILE, removal_report
+from llmprune.prune.finercut import FinerCutConfig, plan_at, plan_finercut
+from llmprune.prune.finercut.candidates import build_candidates, front_exclusion
+from llmprune.prune.finercut.report import FIGURE_FILE, removal_report
 from llmprune.recipe import RecipeError, load_recipe
 
 from .conftest import make_model

@@ -11,8 +11,8 @@ from llmprune.calibrate.stats import RunningMoments, Stats
 from llmprune.checkpoint import load_pruned, save_pruned
 from llmprune.families import family_for
 from llmprune.families.base import Geometry
-from llmprune.prune.allocate import LayerUnits
-from llmprune.prune.flap import faithful_al_am, flap_scorer, mha_unit_weight
+from llmprune.prune.width.allocate import LayerUnits
+from llmprune.prune.width.flap import faithful_al_am, flap_scorer, mha_unit_weight
 from llmprune.recipe import RecipeError, load_recipe
 
 from .conftest import make_model
@@ -61,8 +61,8 @@ def test_faithful_al_am_differs_from_exact_costs():
     g = Geometry(hidden=32, n_q_heads=8, n_kv_heads=2, head_dim=8, intermediate=64)  # g=4: KV group = 80 channels
     gen = torch.Generator().manual_seed(0)
     units = [LayerUnits(g, attn=torch.rand(64, generator=gen), mlp=torch.rand(64, generator=gen)) for _ in range(4)]
-    from llmprune.prune.allocate import global_threshold
-    from llmprune.prune.common import plan_from_keeps
+    from llmprune.prune.width.allocate import global_threshold
+    from llmprune.prune.width.keeps import plan_from_keeps
 
     total = 4 * g.linear_params()
     exact = plan_from_keeps([g] * 4, global_threshold(units, 0.3), "t").params_after()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmprune.prune import divergence, vocab_bound
-from llmprune.prune.vocab_bound import VocabBound, coarse_bound
+from llmprune.prune.finercut import divergence, vocab_bound
+from llmprune.prune.finercut.vocab_bound import VocabBound, coarse_bound
 
 from .test_finercut import calib, fc_model, order_of, plan_for  # noqa: F401  (calib is a fixture)
 

@@ -8,12 +8,12 @@ from llmprune import api, surgery
 from llmprune.calibrate import calibrate
 from llmprune.calibrate.stats import site_name
 from llmprune.families import family_for
-from llmprune.prune import cfsp as cfsp_mod
-from llmprune.prune.allocate import LayerKeep, shape_of
-from llmprune.prune.cfsp import ffn_relative_importance
-from llmprune.prune.common import plan_from_keeps
-from llmprune.prune.wanda_sp import wanda_channel_scores
-from llmprune.prune.width import block_importance
+from llmprune.prune.width import cfsp as cfsp_mod
+from llmprune.prune.width.allocate import LayerKeep, shape_of
+from llmprune.prune.width.cfsp import ffn_relative_importance
+from llmprune.prune.width.keeps import plan_from_keeps
+from llmprune.prune.width.wanda_sp import wanda_channel_scores
+from llmprune.prune.width.engine import block_importance
 from llmprune.recipe import RecipeError, load_recipe
 
 from .conftest import make_model

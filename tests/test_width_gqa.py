@@ -9,9 +9,9 @@ from llmprune import api, surgery
 from llmprune.calibrate import calibrate
 from llmprune.checkpoint import load_pruned, save_pruned
 from llmprune.families import family_for
-from llmprune.prune.budget import head_scores
-from llmprune.prune.flap import flap_scorer
-from llmprune.prune.wanda_sp import wanda_sp_scores
+from llmprune.prune.width.budget import head_scores
+from llmprune.prune.width.flap import flap_scorer
+from llmprune.prune.width.wanda_sp import wanda_sp_scores
 from llmprune.recipe import load_recipe
 
 from .conftest import make_model

@@ -100,7 +100,7 @@ def probe(model_spec: str, settings: BenchSettings, dtype: str) -> dict[int, dic
     """Runs inside the fresh process: load, then per batch size reset the peak mark, run once, report."""
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
-    from ..api import load  # imports transformers and the model classes before the baseline RSS is read
+    from ..loading import load  # imports transformers and the model classes before the baseline RSS is read
 
     gc.collect()
     rss0 = _current_rss()

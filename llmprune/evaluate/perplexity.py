@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from .. import data
 
 
 @dataclass
@@ -59,3 +62,13 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int, batch_size: 
     mean_nll = total_nll / n_pred
     return PerplexityResult(perplexity=math.exp(mean_nll), nll=mean_nll, n_windows=n_windows, seqlen=seqlen,
                             n_tokens=n_pred)
+
+
+def eval_perplexity(model: nn.Module, tokenizer: Any, source: str = "wikitext2", seqlen: int = 512,
+                    split: str = "test", explicit_source: bool = True, max_windows: int | None = None,
+                    batch_size: int = 1, text_field: str = "text", progress: bool = True) -> tuple[PerplexityResult, dict]:
+    """Perplexity on a named dataset or local text; returns the result and the resolved source."""
+    source = data.resolve_default(source, explicit=explicit_source)
+    tokens, resolved = data.eval_tokens(tokenizer, source, split=split, text_field=text_field)
+    res = perplexity(model, tokens, seqlen=seqlen, batch_size=batch_size, max_windows=max_windows, progress=progress)
+    return res, resolved.to_dict()

@@ -151,7 +151,7 @@ def prepare(req: EvalRequest, config: Any, tokenizer: Any) -> Any:
 
 def evaluate_pruned(model: nn.Module, tokenizer: Any, req: EvalRequest, task_manager: Any = None,
                     progress: bool = True) -> PrunedResults:
-    from ..api import eval_perplexity
+    from .perplexity import eval_perplexity
 
     out = PrunedResults(task_manager=task_manager)
     if req.perplexity is not None:
@@ -171,7 +171,8 @@ def evaluate_baseline(req: EvalRequest, pruned: PrunedResults, device: torch.dev
     only for items missing from `cache`."""
     if not req.baseline:
         return {}
-    from ..api import eval_perplexity, load
+    from .perplexity import eval_perplexity
+    from ..loading import load
 
     env = environment(device, dtype)
     wanted: dict[str, tuple[str, Any]] = {}

@@ -8,13 +8,10 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from ..plan import Plan
-from .cfsp import CfspConfig, plan_cfsp
-from .common import PruneContext, plan_from_keeps
-from .finercut import FinerCutConfig, plan_finercut
-from .finercut_report import finercut_artifacts
-from .flap import FlapConfig, plan_flap
-from .magnitude import MagnitudeConfig, plan_magnitude
-from .wanda_sp import WandaSpConfig, plan_wanda_sp
+from .context import PruneContext
+from .finercut import FinerCutConfig, finercut_artifacts, plan_finercut
+from .width import (CfspConfig, FlapConfig, MagnitudeConfig, WandaSpConfig, plan_cfsp, plan_flap, plan_from_keeps,
+                    plan_magnitude, plan_wanda_sp)
 
 
 @dataclass(frozen=True)

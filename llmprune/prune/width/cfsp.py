@@ -27,12 +27,12 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from ..calibrate import Stats, site_name
-from ..families.base import BlockView, Geometry
-from ..plan import Plan
+from ...calibrate import Stats, site_name
+from ..context import PruneContext
+from ...families.base import BlockView, Geometry
+from ...plan import Plan
 from .allocate import LayerKeep, LayerUnits
-from .common import PruneContext
-from .width import DataWidthOptions, allocate, plan_width
+from .engine import DataWidthOptions, allocate, plan_width
 
 CFSP_TOKENS = 128 * 1024  # the released calibration size, where its 1e4 equals the default sharpness
 

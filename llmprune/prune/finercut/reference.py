@@ -11,33 +11,17 @@ import math
 
 import torch
 
-from .. import surgery
-from ..families.base import Geometry
-from ..plan import AttnPlan, MlpPlan, Plan
+from ... import surgery
+from ...plan import sublayer_plan
+from ..context import PruneContext
 from . import divergence
-from .common import PruneContext
-from .residual_stream import LOGIT_BLOCK_ELEMS, Candidate
-from .sublayer_search import SearchStats
-
-
-def sublayer_plan(geometry: list[Geometry], gone: set[tuple[int, str]], method: str = "finercut") -> Plan:
-    """A Plan dropping the (layer, "attn" | "mlp") sublayers in `gone`, and those the model already lacks."""
-    plan = Plan.identity(geometry, method=method)
-    for i, (g, lp) in enumerate(zip(geometry, plan.layers)):
-        if not g.has_attn or (i, "attn") in gone:
-            lp.attn = AttnPlan(drop=True)
-        if not g.has_mlp or (i, "mlp") in gone:
-            lp.mlp = MlpPlan(drop=True)
-    plan.validate()
-    return plan
-
-
-def removed_set(cands: list[Candidate]) -> set[tuple[int, str]]:
-    return {(c.layer, kind) for c in cands for kind in c.sublayers}
+from .candidates import Candidate, removed_set
+from .residual_stream import LOGIT_BLOCK_ELEMS
+from .search import SearchStats
 
 
 class ReferenceSearch:
-    """Same interface as sublayer_search.Search, computed the slow, obvious way."""
+    """A `Searcher` computed the slow, obvious way: one full forward per candidate per step."""
 
     def __init__(self, ctx: PruneContext, distance: str):
         self.ctx, self.distance = ctx, divergence.check_distance(distance)
@@ -86,7 +70,7 @@ class ReferenceSearch:
         self.stats.body_tokens += sublayers_run * self.n_tokens
         self.stats.head_tokens += self.n_tokens
 
-    def reference_step(self, available: list[Candidate]) -> tuple[Candidate, float]:
+    def step(self, available: list[Candidate], step: int) -> tuple[Candidate, float]:  # noqa: ARG002
         best, best_sum = None, math.inf
         for c in sorted(available, key=lambda c: c.index):  # strict < keeps the lowest index on ties
             s = self._sum(self.removed + [c])
@@ -106,4 +90,4 @@ class ReferenceSearch:
         return divergence.finalize(self.distance, self._sum(self.removed), self.total_scored, self.vocab)
 
 
-__all__ = ["ReferenceSearch", "removed_set", "sublayer_plan"]
+__all__ = ["ReferenceSearch"]

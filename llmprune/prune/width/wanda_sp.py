@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from ..calibrate import Stats, site_name
-from ..families.base import BlockView, Geometry
-from ..plan import Plan
-from .common import PruneContext
-from .width import DataWidthOptions, plan_width
+from ...calibrate import Stats, site_name
+from ..context import PruneContext
+from ...families.base import BlockView, Geometry
+from ...plan import Plan
+from .engine import DataWidthOptions, plan_width
 
 
 class WandaSpConfig(DataWidthOptions):

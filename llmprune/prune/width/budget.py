@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..families.base import Geometry
+from ...families.base import Geometry
 
 
 class BudgetError(ValueError):

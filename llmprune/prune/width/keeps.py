@@ -1,42 +1,11 @@
-"""Shared pieces of the pruners: the context they run in and turning keep-decisions into a Plan."""
+"""Turning width keep-decisions (kept KV groups, query heads, FFN channels per layer) into a Plan,
+with FLAP-style bias compensation from calibration means."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from functools import cached_property
-
-import torch
-from torch import nn
-
-from ..calibrate.stats import Stats, site_name
-from ..families import Family
-from ..families.base import Geometry
-from ..plan import AttnPlan, LayerPlan, MlpPlan, Plan, attn_kept_channels, removed_indices
+from ...calibrate.stats import Stats, site_name
+from ...families.base import Geometry
+from ...plan import AttnPlan, LayerPlan, MlpPlan, Plan, attn_kept_channels, removed_indices
 from .allocate import LayerKeep
-
-
-@dataclass
-class PruneContext:
-    """Everything a pruner may use. `tokens` is None when the pruner needs no calibration data."""
-
-    model: nn.Module
-    family: Family
-    sparsity: float
-    tokens: torch.Tensor | None = None  # [nsamples, seqlen] int64
-    batch_size: int = 8
-    device: torch.device | str | None = None
-    offload: bool = False
-    seed: int = 0
-    progress: bool = True
-    extras: dict = field(default_factory=dict)
-
-    @cached_property
-    def geometry(self) -> list[Geometry]:
-        return self.family.geometry(self.model)
-
-    def require_tokens(self) -> torch.Tensor:
-        if self.tokens is None:
-            raise ValueError("this pruner needs calibration data, but none was given")
-        return self.tokens
 
 
 def plan_from_keeps(geometry: list[Geometry], keeps: list[LayerKeep], method: str,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..families.base import Geometry
+from ...families.base import Geometry
 from .budget import (BudgetError, Level, Priority, attention_levels, by_deficit, by_score, check_reached, ffn_levels,
                      head_scores, keep_top, level_at_least, nearest_level, select_attention, settle)
 

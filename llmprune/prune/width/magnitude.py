@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from ..calibrate import Stats
-from ..families.base import BlockView, Geometry
-from ..plan import Plan
-from .common import PruneContext
-from .width import WidthOptions, plan_width
+from ...calibrate import Stats
+from ..context import PruneContext
+from ...families.base import BlockView, Geometry
+from ...plan import Plan
+from .engine import WidthOptions, plan_width
 
 
 class MagnitudeConfig(WidthOptions):

@@ -28,12 +28,12 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from ..calibrate import Stats, site_name
-from ..families.base import BlockView, Geometry
-from ..plan import Plan
+from ...calibrate import Stats, site_name
+from ..context import PruneContext
+from ...families.base import BlockView, Geometry
+from ...plan import Plan
 from .allocate import LayerKeep, LayerUnits, Rules, check_sparsity, global_threshold, keep_shape, standardize, uniform
-from .common import PruneContext
-from .width import DataWidthOptions, allocate, plan_width
+from .engine import DataWidthOptions, allocate, plan_width
 
 STRUCTURE_ALLOCATION = {"AL-AM": "global", "AL-MM": "global", "UL-MM": "uniform", "UL-UM": "uniform"}
 

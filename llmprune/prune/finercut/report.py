@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..plan import Plan
+from ...plan import Plan
 
 FIGURE_FILE = "finercut_removed_sublayers.png"
 

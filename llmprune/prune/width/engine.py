@@ -22,13 +22,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
-from ..calibrate import BlockWalker, Stats, calibrate, record, site_modules, site_name
-from ..families.base import BlockView, Geometry
-from ..plan import Plan
-from ..surgery import simulate
+from ...calibrate import BlockWalker, Stats, calibrate, record, site_modules, site_name
+from ..context import PruneContext
+from ...families.base import BlockView, Geometry
+from ...plan import Plan
+from ...surgery import simulate
 from .allocate import (LayerKeep, LayerUnits, Rules, coarse_to_fine, global_threshold, keep_shape, outlier_ratio, owl,
                        shape_of, uniform)
-from .common import PruneContext, plan_from_keeps
+from .keeps import plan_from_keeps
 
 log = logging.getLogger(__name__)
 

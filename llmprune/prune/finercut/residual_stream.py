@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibrate.walker import BlockWalker
-from ..families import Family
+from ...calibrate.walker import BlockWalker
+from ...families import Family
 from . import divergence
+from .candidates import Candidate
 from .vocab_bound import VocabBound, supports
 
 log = logging.getLogger(__name__)
@@ -37,22 +38,6 @@ log = logging.getLogger(__name__)
 # of the head + distance whatever the vocabulary and micro-batch size, and is the granularity at
 # which a hopeless candidate stops being scored (85 rows for a 49k vocabulary, 32 for 128k).
 LOGIT_BLOCK_ELEMS = 1 << 22
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A removable unit: one sublayer, or a whole block (its consecutive sublayers)."""
-
-    index: int  # canonical order (depth first, attention before FFN); breaks ties
-    layer: int
-    sublayers: tuple[str, ...]  # ("attn",), ("mlp",) or ("attn", "mlp")
-    start: int  # first stream position it covers
-    end: int  # one past its last position
-    params: int  # decoder linear parameters it removes
-
-    @property
-    def name(self) -> str:
-        return f"L{self.layer}." + "+".join(self.sublayers)
 
 
 @dataclass

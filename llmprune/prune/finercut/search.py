@@ -16,12 +16,29 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from .residual_stream import Candidate, ChunkScore, ResidualStream
+from .candidates import Candidate
+from .config import FastOptions
+from .residual_stream import ChunkScore, ResidualStream
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .finercut import FastOptions
+
+class Searcher(Protocol):
+    """What the greedy loop needs from a search: one step, a removal, and the final distance.
+
+    `ExactSearch`, `FastSearch` (here) and `ReferenceSearch` (reference.py) implement it."""
+
+    stats: SearchStats
+    total_scored: int  # tokens that every distance is averaged over
+    vocab: int
+
+    def step(self, available: list[Candidate], step: int) -> tuple[Candidate, float]:
+        """The candidate to remove next among `available` (step = removals so far), and its distance sum."""
+        ...
+
+    def remove(self, cand: Candidate) -> None: ...
+
+    def final_distance(self, order: list, exact_vocab: bool = False) -> float: ...
 
 
 @dataclass
@@ -205,24 +222,36 @@ class Tally:
                 s.hidden = None
 
 
-def exact_step(search: Search, available: list[Candidate], batch: int) -> tuple[Candidate, float]:
-    """The candidate the straightforward algorithm would pick, and its distance sum."""
-    return search.race(available, batch)
+class ExactSearch(Search):
+    """Exact steps: the candidate the straightforward algorithm would pick, from a race of all of them."""
+
+    def __init__(self, stream: ResidualStream, batch: int):
+        super().__init__(stream)
+        self.batch = batch
+
+    def step(self, available: list[Candidate], step: int) -> tuple[Candidate, float]:  # noqa: ARG002
+        return self.race(available, self.batch)
 
 
-def fast_step(search: Search, available: list[Candidate], step: int, opts: FastOptions,
-              batch: int) -> tuple[Candidate, float]:
-    """Approximate step: re-score a short list on a probe of the tokens, race the finalists on all of them."""
-    full = step % opts.full_scan_every == 0 or any(c.index not in search.est for c in available)
-    pool = available if full else sorted(available, key=search.priority)[:opts.rescore_top]
-    search.stats.full_scans += full
-    n = search.stream.n_chunks
-    probe = min(n, max(1, math.ceil(opts.probe_fraction * n)))
-    tally = Tally()
-    if probe < n and len(pool) > opts.finalists:
-        search.probe(pool, probe, batch, tally)
-        pool = sorted(pool, key=search.priority)[:opts.finalists]
-    return search.race(pool, batch, tally)
+class FastSearch(ExactSearch):
+    """Approximate steps: re-score a short list on a probe of the tokens, race the finalists on all of them."""
+
+    def __init__(self, stream: ResidualStream, batch: int, opts: FastOptions):
+        super().__init__(stream, batch)
+        self.opts = opts
+
+    def step(self, available: list[Candidate], step: int) -> tuple[Candidate, float]:
+        opts = self.opts
+        full = step % opts.full_scan_every == 0 or any(c.index not in self.est for c in available)
+        pool = available if full else sorted(available, key=self.priority)[:opts.rescore_top]
+        self.stats.full_scans += full
+        n = self.stream.n_chunks
+        probe = min(n, max(1, math.ceil(opts.probe_fraction * n)))
+        tally = Tally()
+        if probe < n and len(pool) > opts.finalists:
+            self.probe(pool, probe, self.batch, tally)
+            pool = sorted(pool, key=self.priority)[:opts.finalists]
+        return self.race(pool, self.batch, tally)
 
 
-__all__ = ["Search", "SearchStats", "Tally", "exact_step", "fast_step"]
+__all__ = ["ExactSearch", "FastSearch", "Search", "SearchStats", "Searcher", "Tally"]

@@ -1,0 +1,100 @@
+"""Loading a model: Hub id, local directory or embedded name -> (model, tokenizer, Family), and the
+device / dtype choices. Used by api.py (the verbs) and evaluate/ (baselines, speed probes)."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .embedded import EMBEDDED, is_embedded, resolve_embedded
+from .families import Family, family_for
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    tokenizer: Any
+    family: Family
+    model_id: str  # what the user asked for
+    path: str  # what was loaded (local dir or Hub id)
+    base_model: str  # Hub id to credit as the base model
+    revision: str | None = None
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """auto: float32 on CPU (fast and exact there), bfloat16 on GPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(sorted(set(DTYPES)))}")
+    return DTYPES[dtype]
+
+
+def load(model_id: str, device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = "auto",
+         revision: str | None = None) -> Loaded:
+    """Load a causal LM (Hub id, local directory, or an embedded name such as `smollm2-135m`) + tokenizer.
+
+    The architecture is checked before any weight is read, so unsupported models fail at once.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    path, base = model_id, model_id
+    if is_embedded(model_id):
+        path, base = str(resolve_embedded(model_id)), EMBEDDED[model_id].hub_id
+    elif Path(model_id).exists() and not (Path(model_id) / "config.json").exists():
+        raise ModelLoadError(f"{model_id} exists but has no config.json: not a Hugging Face model directory")
+    try:
+        config = AutoConfig.from_pretrained(path, revision=revision)
+    except OSError as e:
+        raise ModelLoadError(
+            f"could not load model {model_id!r}: {str(e).splitlines()[0]}\nFix: check the name, log in with "
+            f"`hf auth login` for gated models, pre-download it (HF_HOME cache) when offline, or pass a local "
+            f"directory. The embedded offline model is `smollm2-135m`.") from e
+    family = family_for(config)
+    model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dt)
+    model.to(dev).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    if Path(path).is_dir():
+        base = getattr(config, "_name_or_path", None) or base
+        if base == path and (Path(path) / "pruning.json").exists():
+            base = _base_of_checkpoint(path)
+    return Loaded(model=model, tokenizer=tokenizer, family=family, model_id=model_id, path=str(path),
+                  base_model=str(base if not is_embedded(model_id) else EMBEDDED[model_id].hub_id), revision=revision)
+
+
+def _base_of_checkpoint(path: str) -> str:
+    return json.loads((Path(path) / "pruning.json").read_text()).get("plan", {}).get("base_model") or path
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # parameters() de-duplicates tied weights
+
+
+__all__ = ["DTYPES", "Loaded", "ModelLoadError", "count_params", "load", "resolve_device", "resolve_dtype"]
