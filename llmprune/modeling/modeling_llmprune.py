@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 
 import torch
 import transformers
@@ -42,6 +43,10 @@ if tuple(int(p) for p in transformers.__version__.split(".")[:2]) < _MIN_TRANSFO
         f"this pruned checkpoint needs transformers>={'.'.join(map(str, _MIN_TRANSFORMERS))} "
         f"(per_layer_config support); found {transformers.__version__}. Run: pip install -U transformers"
     )
+
+# transformers renamed the KV-cache argument `past_key_values` -> `cache` (the old name is deprecated);
+# speak whichever this version's modules take.
+_CACHE_KW = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 # base_model_type -> (module, class-name prefix) providing Attention, MLP, RMSNorm, RotaryEmbedding
 _FAMILY_MODULES = {
@@ -122,19 +127,21 @@ class LlmpruneDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        cache = cache if cache is not None else kwargs.pop("past_key_values", None)
+        kwargs.pop("past_key_values", None)
         if self.has_attn:
             attn_out, _ = self.self_attn(
                 hidden_states=self._norm(0, hidden_states),
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
+                **{_CACHE_KW: cache},
                 **kwargs,
             )
             hidden_states = hidden_states + self._norm(1, attn_out)
@@ -175,7 +182,7 @@ class _DecoderStack:
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | dict | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -183,23 +190,25 @@ class _DecoderStack:
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        cache = cache if cache is not None else kwargs.pop("past_key_values", None)  # the pre-rename name
+        kwargs.pop("past_key_values", None)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         output_hidden_states = (
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if position_ids is None:
-            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past
 
         layer_types = self.config.layer_types
         masks = attention_mask  # generate() may hand over a ready {layer_type: mask} mapping
         if not isinstance(masks, dict):
             mask_kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                               past_key_values=past_key_values, position_ids=position_ids)
+                               position_ids=position_ids, **{_CACHE_KW: cache})
             masks = {"full_attention": create_causal_mask(**mask_kwargs)}
             if "sliding_attention" in layer_types:
                 masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
@@ -212,7 +221,7 @@ class _DecoderStack:
                 hidden_states,
                 attention_mask=masks.get(layer_types[i]),  # None for attention-free ("mlp") layers
                 position_ids=position_ids,
-                past_key_values=past_key_values,
+                cache=cache,
                 use_cache=use_cache,
                 position_embeddings=position_embeddings[i],
                 **kwargs,
@@ -224,7 +233,7 @@ class _DecoderStack:
             all_hidden[-1] = hidden_states
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
+            **{_CACHE_KW: cache if use_cache else None},
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
         )
 
