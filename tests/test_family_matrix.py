@@ -157,3 +157,19 @@ def test_multimodal_gemma3_fails_with_the_supported_list():
     with pytest.raises(UnsupportedModelError, match=r"model_type 'gemma3'.*Supported model types: .*gemma2, "
                                                     r"gemma3_text.*olmo2.*phi3.*gemma3_text checkpoints"):
         family_for(Gemma3Config())
+
+
+@pytest.mark.parametrize("family", NEW)
+def test_finercut_exact_equals_reference(family):
+    """The residual-stream search (half blocks, final norm, LM head, Gemma 2's logit soft-capping) scores
+    exactly what the reference search measures with full forwards of the simulated model."""
+    from .test_finercut import fc_model, order_of, plan_for
+
+    model = fc_model(family, layers=4, tie=family.startswith("gemma"))
+    tokens = torch.randint(3, 300, (4, 16), generator=torch.Generator().manual_seed(3))
+    kw = dict(target_sublayers=0.5, batch_size=2)
+    ref = plan_for(model, tokens, mode="reference", **kw)
+    exact = plan_for(model, tokens, mode="exact", **kw)
+    assert order_of(exact) == order_of(ref)
+    for a, b in zip(exact.extras["removal_order"], ref.extras["removal_order"]):
+        assert a["divergence"] == pytest.approx(b["divergence"], rel=1e-4, abs=1e-9)
