@@ -173,3 +173,20 @@ def test_finercut_exact_equals_reference(family):
     assert order_of(exact) == order_of(ref)
     for a, b in zip(exact.extras["removal_order"], ref.extras["removal_order"]):
         assert a["divergence"] == pytest.approx(b["divergence"], rel=1e-4, abs=1e-9)
+
+
+@pytest.mark.parametrize("family", NEW)
+@pytest.mark.parametrize("name, overrides", [
+    ("wanda-sp", {"pruner.allocation": "owl", "pruner.query_heads": True}),  # OWL reads q/k/v/gate/up weights
+    ("flap", {"pruner.sequential": True}),  # simulate() between layers
+    ("magnitude", {"pruner.allocation": "coarse_to_fine"}),  # block similarity sites
+])
+def test_width_options_on_every_family(family, name, overrides, tokens):
+    model = make_model(family)
+    recipe = load_recipe(name, {"sparsity": 0.3, **overrides})
+    plan = api.make_plan(model, recipe, tokens, progress=False)
+    with surgery.simulate(model, plan) as m:
+        simulated = m(tokens).logits
+    pruned = surgery.apply(model, plan)
+    torch.testing.assert_close(pruned(tokens).logits, simulated, rtol=1e-4, atol=1e-4)
+    assert abs(plan.sparsity() - 0.3) < 0.1
