@@ -190,3 +190,18 @@ def test_width_options_on_every_family(family, name, overrides, tokens):
     pruned = surgery.apply(model, plan)
     torch.testing.assert_close(pruned(tokens).logits, simulated, rtol=1e-4, atol=1e-4)
     assert abs(plan.sparsity() - 0.3) < 0.1
+
+
+def test_phi3_sliding_window_survives_non_uniform_pruning(tokens):
+    """Phi-3 checkpoints set one sliding window for every layer (no layer_types): it must stay on."""
+    model = make_model("phi3", sliding_window=SLIDING_WINDOW)
+    plan = mixed_plan(model)
+    with surgery.simulate(model, plan) as m:
+        simulated = m(tokens).logits
+    pruned = surgery.apply(model, plan)
+    assert pruned.config.sliding_window == SLIDING_WINDOW
+    assert pruned.config.layer_types == ["mlp", "sliding_attention", "sliding_attention"]
+    torch.testing.assert_close(pruned(tokens).logits, simulated, rtol=1e-5, atol=1e-5)
+    prompt = tokens[:1, :4]
+    cached = pruned.generate(prompt, max_new_tokens=8, do_sample=False)
+    assert torch.equal(cached, pruned.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False))
