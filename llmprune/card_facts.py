@@ -10,6 +10,7 @@ from .modeling import is_pruned_model_type
 from .plan import Plan
 
 
+
 @dataclass
 class LicenseInfo:
     license: str | None  # Hub license id (apache-2.0, llama3.1, other, ...) or None when unknown
@@ -44,7 +45,7 @@ class CardFacts:
 
     @property
     def custom_code(self) -> bool:
-        return is_pruned_model_type(self.config.get("model_type"))
+        return is_pruned_model_type(self.config.get("model_type"))  # llmprune_<family>: non-uniform
 
     @property
     def model_name(self) -> str:

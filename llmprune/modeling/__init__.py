@@ -5,8 +5,6 @@ process, so checkpoints load without `trust_remote_code` when llmprune is instal
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from .configuration_llmprune import (
     CONFIG_CLASSES,
     LlmpruneGemma2Config,
@@ -17,7 +15,6 @@ from .configuration_llmprune import (
 )
 from .modeling_llmprune import MODEL_CLASSES, LlmpruneLlamaForCausalLM, LlmpruneLlamaModel
 
-MODELING_DIR = Path(__file__).parent
 REMOTE_CODE_FILES = ("configuration_llmprune.py", "modeling_llmprune.py")
 MODEL_TYPES = tuple(c.model_type for c in CONFIG_CLASSES)  # llmprune_llama, llmprune_gemma2, ...
 _registered = False
@@ -43,4 +40,4 @@ def register() -> None:
 
 __all__ = ["CONFIG_CLASSES", "LlmpruneGemma2Config", "LlmpruneGemma3TextConfig", "LlmpruneLlamaConfig",
            "LlmpruneLlamaForCausalLM", "LlmpruneLlamaModel", "LlmpruneOlmo2Config", "LlmprunePhi3Config",
-           "MODEL_CLASSES", "MODELING_DIR", "MODEL_TYPES", "REMOTE_CODE_FILES", "is_pruned_model_type", "register"]
+           "MODEL_CLASSES", "MODEL_TYPES", "REMOTE_CODE_FILES", "is_pruned_model_type", "register"]

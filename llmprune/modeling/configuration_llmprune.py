@@ -1,16 +1,17 @@
-# Configurations of structurally pruned models, one per base family:
-#   llmprune_llama        Llama, Mistral, Qwen2, Qwen3 (base_model_type says which)
-#   llmprune_gemma2       Gemma 2
-#   llmprune_gemma3_text  Gemma 3 (text)
-#   llmprune_phi3         Phi-3
-#   llmprune_olmo2        OLMo 2
-#
-# This file is copied next to the weights of every non-uniform llmprune checkpoint and loaded by
-# `AutoConfig.from_pretrained(dir, trust_remote_code=True)`, so it must import nothing but
-# transformers and huggingface_hub. Each class is its base family's own config class plus the
-# pruning fields; per-layer shapes live in transformers' native `per_layer_config` (sparse overrides
-# of num_attention_heads, num_key_value_heads, intermediate_size, o_proj_bias, down_proj_bias and
-# `skip: ["attention" | "mlp"]`).
+"""Configurations of structurally pruned models, one per base family:
+  llmprune_llama        Llama, Mistral, Qwen2, Qwen3 (base_model_type says which)
+  llmprune_gemma2       Gemma 2
+  llmprune_gemma3_text  Gemma 3 (text)
+  llmprune_phi3         Phi-3
+  llmprune_olmo2        OLMo 2
+
+This file is copied next to the weights of every non-uniform llmprune checkpoint and loaded by
+`AutoConfig.from_pretrained(dir, trust_remote_code=True)`, so it must import nothing but
+transformers and huggingface_hub. Each class is its base family's own config class plus the
+pruning fields; per-layer shapes live in transformers' native `per_layer_config` (sparse overrides
+of num_attention_heads, num_key_value_heads, intermediate_size, o_proj_bias, down_proj_bias and
+`skip: ["attention" | "mlp"]`).
+"""
 from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict

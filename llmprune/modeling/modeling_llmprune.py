@@ -1,13 +1,14 @@
-# Decoders whose layers may differ in shape: per-layer query / KV heads and FFN width, attention or
-# FFN sublayers removed, optional biases on o_proj / down_proj. One model class per base family
-# (Llama-like, Gemma 2, Gemma 3 text, Phi-3, OLMo 2), all sharing one decoder layer and one stack.
-#
-# Copied next to the weights of every non-uniform llmprune checkpoint, so that
-# `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` works without llmprune.
-# It builds every layer from the base family's own transformers modules (LlamaAttention,
-# Gemma2Attention, Phi3MLP, ...) using that layer's resolved config; nothing here is a copied
-# modeling file. What differs between families is data: where the residual-branch norms sit, the
-# embedding class, and whether rotary embeddings differ per attention type.
+"""Decoders whose layers may differ in shape: per-layer query / KV heads and FFN width, attention or
+FFN sublayers removed, optional biases on o_proj / down_proj. One model class per base family
+(Llama-like, Gemma 2, Gemma 3 text, Phi-3, OLMo 2), all sharing one decoder layer and one stack.
+
+Copied next to the weights of every non-uniform llmprune checkpoint, so that
+`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` works without llmprune.
+It builds every layer from the base family's own transformers modules (LlamaAttention,
+Gemma2Attention, Phi3MLP, ...) using that layer's resolved config; nothing here is a copied
+modeling file. What differs between families is data: where the residual-branch norms sit, the
+embedding class, and whether rotary embeddings differ per attention type.
+"""
 from __future__ import annotations
 
 import copy
