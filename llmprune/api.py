@@ -45,7 +45,7 @@ def calibration_tokens(tokenizer: Any, recipe: ResolvedRecipe, explicit_source: 
 
 def make_plan(model: nn.Module, recipe: ResolvedRecipe, tokens: torch.Tensor | None = None,
               family: Family | None = None, base_model: str | None = None, device: str | torch.device | None = None,
-              offload: bool = False, progress: bool = True) -> Plan:
+              offload: bool = False, progress: bool = True, loader: Any = None) -> Plan:
     """Score and decide: the Plan for `model` under `recipe` (no weights are edited)."""
     family = family or family_for(model.config)
     spec = get_pruner(recipe.method)
@@ -53,7 +53,8 @@ def make_plan(model: nn.Module, recipe: ResolvedRecipe, tokens: torch.Tensor | N
         raise ValueError(f"method {recipe.method!r} needs calibration tokens")
     cal = recipe.recipe.calibration
     ctx = PruneContext(model=model, family=family, sparsity=recipe.recipe.sparsity, tokens=tokens,
-                       batch_size=cal.batch_size, device=device, offload=offload, seed=cal.seed, progress=progress)
+                       batch_size=cal.batch_size, device=device, offload=offload, seed=cal.seed, progress=progress,
+                       loader=loader)
     torch.manual_seed(cal.seed)
     plan = spec.plan(ctx, recipe.options)
     plan.method = recipe.method
@@ -84,16 +85,34 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
     model: nn.Module | None = None  # the pruned model, when run(..., keep_model=True)
     tokenizer: Any = None
+    path_taken: str = ""  # "streamed: ..." or "in memory: ...", and why (stream.choose)
 
 
 def run(model_id: str, recipe: ResolvedRecipe, out: str | Path, *, device: str = "auto", dtype: str = "auto",
         overwrite: bool = False, explicit_source: bool = True, offload: bool = False, revision: str | None = None,
-        progress: bool = True, command: str | None = None, keep_model: bool = False) -> RunResult:
-    """The main job: load → calibrate → plan → apply → save. Returns where it went and the numbers."""
+        progress: bool = True, command: str | None = None, keep_model: bool = False,
+        stream: bool | str = "auto") -> RunResult:
+    """The main job: load → calibrate → plan → apply → save. Returns where it went and the numbers.
+
+    stream: True streams the model block by block from its safetensors files (never loaded whole,
+    docs/streaming.md), False loads it, "auto" streams when it would not fit in memory.
+    """
+    from . import stream as streaming
+
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     check_output_dir(out, overwrite)  # before any expensive work
-    loaded = load(model_id, device=device, dtype=dtype, revision=revision)
+    dev = resolve_device(device)
+    choice = streaming.choose(False if keep_model and stream == "auto" else stream, model_id, recipe.method, dev,
+                              dtype, revision)
+    log.info("pruning path: %s", choice.reason)
+    loader = None
+    if choice.stream:
+        if keep_model:
+            raise ValueError("keep_model needs the pruned model in memory; it cannot be combined with stream=True")
+        loaded, loader = streaming.open_streamed(model_id, dev, dtype, revision)
+    else:
+        loaded = load(model_id, device=device, dtype=dtype, revision=revision)
     timings["load_s"] = time.perf_counter() - t0
     tokens, cal_desc = None, None
     if get_pruner(recipe.method).wants_data(recipe.options):
@@ -102,25 +121,30 @@ def run(model_id: str, recipe: ResolvedRecipe, out: str | Path, *, device: str =
         timings["data_s"] = time.perf_counter() - t
     t = time.perf_counter()
     plan = make_plan(loaded.model, recipe, tokens, family=loaded.family, base_model=loaded.base_model,
-                     offload=offload, progress=progress)
+                     device=dev if loader is not None else None, offload=offload, progress=progress, loader=loader)
     plan.base_revision = revision
     timings["plan_s"] = time.perf_counter() - t
     t = time.perf_counter()
     total_before = count_params(loaded.model)
-    pruned = surgery.apply(loaded.model, plan, loaded.family)
-    del loaded.model
-    timings["apply_s"] = time.perf_counter() - t
-    params = params_summary(plan, total_before, count_params(pruned))
-    t = time.perf_counter()
-    info = {
-        "params": params,
-        "provenance": provenance(loaded, recipe, cal_desc, command, dtype=str(next(pruned.parameters()).dtype).removeprefix("torch.")),
-        "timings": timings,
-    }
-    save_pruned(pruned, loaded.tokenizer, out, plan, info=info, overwrite=overwrite)
-    timings["save_s"] = time.perf_counter() - t
+    prov = provenance(loaded, recipe, cal_desc, command, dtype=str(next(loaded.model.parameters()).dtype).removeprefix("torch."))
+    pruned = None
+    if loader is not None:
+        target = streaming.pruned_skeleton(loaded.model, loaded.family, plan, loader.dtype)
+        params = params_summary(plan, total_before, count_params(target))
+        info = {"params": params, "provenance": prov, "timings": timings}
+        streaming.write_streamed(loaded, loader, plan, Path(out), info, target=target)
+        timings["write_s"] = time.perf_counter() - t
+    else:
+        pruned = surgery.apply(loaded.model, plan, loaded.family)
+        del loaded.model
+        timings["apply_s"] = time.perf_counter() - t
+        params = params_summary(plan, total_before, count_params(pruned))
+        info = {"params": params, "provenance": prov, "timings": timings}
+        t = time.perf_counter()
+        save_pruned(pruned, loaded.tokenizer, out, plan, info=info, overwrite=overwrite)
+        timings["save_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
-    res = RunResult(out=Path(out), plan=plan, params=params, timings=timings)
+    res = RunResult(out=Path(out), plan=plan, params=params, timings=timings, path_taken=choice.reason)
     if keep_model:  # e.g. to evaluate the in-memory pruned model right after saving (--eval-tasks)
         res.model, res.tokenizer = pruned, loaded.tokenizer
     return res

@@ -12,11 +12,13 @@ the in-memory model, and only then renamed into place.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,27 +59,26 @@ def save_pruned(model: nn.Module, tokenizer: Any, out: str | Path, plan: Plan, i
     info: JSON-able provenance and results merged into pruning.json (keys: provenance, params, results).
     """
     out = check_output_dir(out, overwrite)
+    with staging(out) as tmp:
+        _mark_remote_code(model)
+        model.save_pretrained(tmp)
+        write_extras(tmp, model, tokenizer, plan, info)
+        if verify:
+            _verify(model, tmp)
+    return out
+
+
+@contextlib.contextmanager
+def staging(out: Path) -> Iterator[Path]:
+    """A hidden sibling directory to write a checkpoint into; renamed to `out` only when the block
+    succeeds, removed on any error or interrupt (so `out` never holds a half-written checkpoint)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        _mark_remote_code(model)
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        _finish_config(tmp, model)
-        artifacts = _pruner_artifacts(plan, tmp)
-        doc = {"format": CHECKPOINT_FORMAT, "llmprune_version": __version__, "plan": plan.to_dict()}
-        doc.update(plan.extras)  # method reports (e.g. FinerCut's removal_order) also sit at the top level
-        if artifacts:
-            doc["artifacts"] = artifacts
-        doc.update(info or {})
-        (tmp / PRUNING_FILE).write_text(json.dumps(doc, indent=1, default=_json_default) + "\n")
-        if plan.recipe:
-            (tmp / RECIPE_FILE).write_text(yaml.safe_dump(plan.recipe, sort_keys=False))
-        if verify:
-            _verify(model, tmp)
+        tmp.mkdir()
+        yield tmp
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
@@ -88,7 +89,22 @@ def save_pruned(model: nn.Module, tokenizer: Any, out: str | Path, plan: Plan, i
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+
+
+def write_extras(tmp: Path, model: nn.Module, tokenizer: Any, plan: Plan, info: dict[str, Any] | None) -> None:
+    """Everything but the weights and config.json: tokenizer, remote-code check, pruning.json, recipe, artifacts."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    _finish_config(tmp, model)
+    artifacts = _pruner_artifacts(plan, tmp)
+    doc = {"format": CHECKPOINT_FORMAT, "llmprune_version": __version__, "plan": plan.to_dict()}
+    doc.update(plan.extras)  # method reports (e.g. FinerCut's removal_order) also sit at the top level
+    if artifacts:
+        doc["artifacts"] = artifacts
+    doc.update(info or {})
+    (tmp / PRUNING_FILE).write_text(json.dumps(doc, indent=1, default=_json_default) + "\n")
+    if plan.recipe:
+        (tmp / RECIPE_FILE).write_text(yaml.safe_dump(plan.recipe, sort_keys=False))
 
 
 def _pruner_artifacts(plan: Plan, directory: Path) -> list[str]:

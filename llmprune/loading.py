@@ -44,15 +44,60 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """auto: float32 on CPU (fast and exact there), bfloat16 on GPU."""
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, config: Any = None) -> torch.dtype:
+    """auto: the checkpoint's own dtype (config `dtype` / `torch_dtype`, as transformers reads it),
+    float32 when the config names none. Explicit names: float32, bfloat16, float16 (and short forms)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return checkpoint_dtype(config) or torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(sorted(set(DTYPES)))}")
     return DTYPES[dtype]
+
+
+def checkpoint_dtype(config: Any) -> torch.dtype | None:
+    """The floating dtype a config says its weights are stored in, or None."""
+    for key in ("dtype", "torch_dtype"):
+        value = getattr(config, key, None) if config is not None else None
+        if isinstance(value, torch.dtype) and value.is_floating_point:
+            return value
+        if isinstance(value, str) and value.removeprefix("torch.") in DTYPES:
+            return DTYPES[value.removeprefix("torch.")]
+    return None
+
+
+def resolve_source(model_id: str) -> tuple[str, str]:
+    """(what to load: local dir or Hub id, Hub id to credit) for a model argument; checks local dirs."""
+    if is_embedded(model_id):
+        return str(resolve_embedded(model_id)), EMBEDDED[model_id].hub_id
+    if Path(model_id).exists() and not (Path(model_id) / "config.json").exists():
+        raise ModelLoadError(f"{model_id} exists but has no config.json: not a Hugging Face model directory")
+    return model_id, model_id
+
+
+def load_config(model_id: str, path: str, revision: str | None = None) -> Any:
+    """The model's config, with a clear error for unknown names, gated or offline models."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, revision=revision)
+    except OSError as e:
+        raise ModelLoadError(
+            f"could not load model {model_id!r}: {str(e).splitlines()[0]}\nFix: check the name, log in with "
+            f"`hf auth login` for gated models, pre-download it (HF_HOME cache) when offline, or pass a local "
+            f"directory. The embedded offline model is `smollm2-135m`.") from e
+
+
+def base_model_of(model_id: str, path: str, base: str, config: Any) -> str:
+    """The Hub id to credit as the base model (a pruned checkpoint credits its own base)."""
+    if is_embedded(model_id):
+        return EMBEDDED[model_id].hub_id
+    if Path(path).is_dir():
+        base = getattr(config, "_name_or_path", None) or base
+        if base == path and (Path(path) / "pruning.json").exists():
+            base = _base_of_checkpoint(path)
+    return str(base)
 
 
 def load(model_id: str, device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = "auto",
@@ -61,32 +106,18 @@ def load(model_id: str, device: str | torch.device | None = "auto", dtype: str |
 
     The architecture is checked before any weight is read, so unsupported models fail at once.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    path, base = model_id, model_id
-    if is_embedded(model_id):
-        path, base = str(resolve_embedded(model_id)), EMBEDDED[model_id].hub_id
-    elif Path(model_id).exists() and not (Path(model_id) / "config.json").exists():
-        raise ModelLoadError(f"{model_id} exists but has no config.json: not a Hugging Face model directory")
-    try:
-        config = AutoConfig.from_pretrained(path, revision=revision)
-    except OSError as e:
-        raise ModelLoadError(
-            f"could not load model {model_id!r}: {str(e).splitlines()[0]}\nFix: check the name, log in with "
-            f"`hf auth login` for gated models, pre-download it (HF_HOME cache) when offline, or pass a local "
-            f"directory. The embedded offline model is `smollm2-135m`.") from e
+    path, base = resolve_source(model_id)
+    config = load_config(model_id, path, revision)
     family = family_for(config)
+    dt = resolve_dtype(dtype, dev, config)
     model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dt)
     model.to(dev).eval()
     tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
-    if Path(path).is_dir():
-        base = getattr(config, "_name_or_path", None) or base
-        if base == path and (Path(path) / "pruning.json").exists():
-            base = _base_of_checkpoint(path)
     return Loaded(model=model, tokenizer=tokenizer, family=family, model_id=model_id, path=str(path),
-                  base_model=str(base if not is_embedded(model_id) else EMBEDDED[model_id].hub_id), revision=revision)
+                  base_model=base_model_of(model_id, path, base, config), revision=revision)
 
 
 def _base_of_checkpoint(path: str) -> str:
@@ -97,4 +128,5 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() de-duplicates tied weights
 
 
-__all__ = ["DTYPES", "Loaded", "ModelLoadError", "count_params", "load", "resolve_device", "resolve_dtype"]
+__all__ = ["DTYPES", "Loaded", "ModelLoadError", "base_model_of", "checkpoint_dtype", "count_params", "load",
+           "load_config", "resolve_device", "resolve_dtype", "resolve_source"]

@@ -6,17 +6,36 @@ and passes the hidden states straight through, so one cheap forward captures blo
 every layer's own kwargs (layers of different types — full vs sliding attention — get their own
 masks). Then `run(i)` executes block i on the current hidden states, micro-batch by micro-batch.
 Peak memory is one block plus the activations; with `offload=True` the blocks live on the CPU
-and visit the compute device one at a time.
+and visit the compute device one at a time; with a `loader` (stream.py) the model is a skeleton on
+the meta device and the loader reads each block's weights from disk only while it runs.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ContextManager, Protocol
 
 import torch
 from torch import nn
 
 from ..families import Family
+
+
+class BlockLoader(Protocol):
+    """Makes weights real on the compute device only while they are needed (stream.StreamLoader)."""
+
+    def block(self, index: int) -> ContextManager[None]:
+        """Block `index`'s weights are on the compute device while active (re-entrant)."""
+        ...
+
+    def rest(self) -> ContextManager[None]:
+        """The weights outside the decoder blocks (embeddings, final norm, head) while active."""
+        ...
+
+
+def on_device(loader: BlockLoader | None, index: int) -> ContextManager[None]:
+    """`loader.block(index)`, or nothing to do when the model is in memory."""
+    return loader.block(index) if loader is not None else contextlib.nullcontext()
 
 
 class _StopForward(Exception):
@@ -43,11 +62,14 @@ class BlockWalker:
     """
 
     def __init__(self, model: nn.Module, family: Family, tokens: torch.Tensor, batch_size: int = 8,
-                 device: torch.device | str | None = None, offload: bool = False):
+                 device: torch.device | str | None = None, offload: bool = False, loader: BlockLoader | None = None):
         if tokens.ndim != 2:
             raise ValueError(f"calibration tokens must be [nsamples, seqlen], got shape {tuple(tokens.shape)}")
-        self.model, self.family, self.offload = model, family, offload
+        self.model, self.family, self.loader = model, family, loader
+        self.offload = offload and loader is None  # a loader already brings one block at a time
         self.layers = family.layers(model)
+        if device is None and loader is not None:
+            raise ValueError("streaming needs an explicit compute device")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.store = torch.device("cpu") if offload else self.device
         self.batches = list(tokens.split(max(1, batch_size)))
@@ -78,11 +100,12 @@ class BlockWalker:
         if self.offload:
             self.model.to(self.device)
         try:
-            for batch in self.batches:
-                try:
-                    self.model(input_ids=batch.to(self.device), use_cache=False)
-                except _StopForward:
-                    pass
+            with self.loader.rest() if self.loader is not None else contextlib.nullcontext():
+                for batch in self.batches:
+                    try:
+                        self.model(input_ids=batch.to(self.device), use_cache=False)
+                    except _StopForward:
+                        pass
         finally:
             if self.offload:
                 self.model.to(home)
@@ -101,10 +124,11 @@ class BlockWalker:
             layer.to(self.device)
         outs = []
         try:
-            for h, (args, kwargs) in zip(hidden, self.layer_args[i]):
-                out = layer(h.to(self.device), *args, **kwargs)
-                out = out[0] if isinstance(out, tuple) else out
-                outs.append(out.to(self.store))
+            with on_device(self.loader, i) if layer is self.layers[i] else contextlib.nullcontext():
+                for h, (args, kwargs) in zip(hidden, self.layer_args[i]):
+                    out = layer(h.to(self.device), *args, **kwargs)
+                    out = out[0] if isinstance(out, tuple) else out
+                    outs.append(out.to(self.store))
         finally:
             if home is not None:
                 layer.to(home)
@@ -119,4 +143,5 @@ class BlockWalker:
         """Final norm + LM head on the given last-block outputs: list of [b, T, vocab]."""
         hidden = self.hidden if hidden is None else hidden
         norm, head = self.family.final_norm(self.model), self.family.lm_head(self.model)
-        return [head(norm(h.to(self.device))) for h in hidden]
+        with self.loader.rest() if self.loader is not None else contextlib.nullcontext():
+            return [head(norm(h.to(self.device))) for h in hidden]
