@@ -83,7 +83,7 @@ class RunResult:
     plan: Plan
     params: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
-    model: nn.Module | None = None  # the pruned model, when run(..., keep_model=True)
+    model: nn.Module | None = None  # the pruned model, when run(..., keep_model=True) and not streamed
     tokenizer: Any = None
     path_taken: str = ""  # "streamed: ..." or "in memory: ...", and why (stream.choose)
 
@@ -103,13 +103,10 @@ def run(model_id: str, recipe: ResolvedRecipe, out: str | Path, *, device: str =
     timings: dict[str, float] = {}
     check_output_dir(out, overwrite)  # before any expensive work
     dev = resolve_device(device)
-    choice = streaming.choose(False if keep_model and stream == "auto" else stream, model_id, recipe.method, dev,
-                              dtype, revision)
+    choice = streaming.choose(stream, model_id, recipe.method, dev, dtype, revision)
     log.info("pruning path: %s", choice.reason)
     loader = None
     if choice.stream:
-        if keep_model:
-            raise ValueError("keep_model needs the pruned model in memory; it cannot be combined with stream=True")
         loaded, loader = streaming.open_streamed(model_id, dev, dtype, revision)
     else:
         loaded = load(model_id, device=device, dtype=dtype, revision=revision)
@@ -145,7 +142,7 @@ def run(model_id: str, recipe: ResolvedRecipe, out: str | Path, *, device: str =
         timings["save_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
     res = RunResult(out=Path(out), plan=plan, params=params, timings=timings, path_taken=choice.reason)
-    if keep_model:  # e.g. to evaluate the in-memory pruned model right after saving (--eval-tasks)
+    if keep_model and pruned is not None:  # e.g. to evaluate the pruned model right after saving (--eval-tasks)
         res.model, res.tokenizer = pruned, loaded.tokenizer
     return res
 
@@ -184,7 +181,8 @@ class EvalOutcome:
 
 def run_eval(model: str | nn.Module, request: EvalRequest, *, tokenizer: Any = None, name: str | None = None,
              report_dir: str | Path | None = None, device: str | torch.device | None = "auto",
-             dtype: str | torch.dtype | None = "auto", progress: bool = True) -> EvalOutcome:
+             dtype: str | torch.dtype | None = "auto", progress: bool = True,
+             device_map: str | None = None) -> EvalOutcome:
     """Perplexity and lm-eval tasks of a pruned model against `request.baseline`.
 
     Returns this run's report sections (`.run`) and the report merged with the existing one (`.report`).
@@ -198,11 +196,12 @@ def run_eval(model: str | nn.Module, request: EvalRequest, *, tokenizer: Any = N
 
     old = load_report(report_dir) if report_dir is not None else None  # a broken report fails before any work
     request = dataclasses.replace(request)  # resolved below; the caller's object stays as it was
+    request.device_map = request.device_map or device_map
     if isinstance(model, str):
         check_model_path(model)
         request.baseline = resolve_baseline(request.baseline, model if Path(model).is_dir() else None)
         try:
-            loaded = load(model, device=device, dtype=dtype)
+            loaded = load(model, device=device, dtype=dtype, device_map=device_map)
         except ModelLoadError as e:
             if Path(model).exists() or is_embedded(model):
                 raise
@@ -233,7 +232,8 @@ def run_eval(model: str | nn.Module, request: EvalRequest, *, tokenizer: Any = N
 
 def run_bench(path: str | Path, baseline: str | None = "base", settings: BenchSettings | None = None, *,
               device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = "auto",
-              memory: bool = True, report_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+              memory: bool = True, report_dir: str | Path | None = None, progress: bool = True,
+              device_map: str | None = None) -> dict[str, Any]:
     """Dense vs pruned speed and memory of a checkpoint; merges the `speed` section into its report."""
     from .evaluate.report import environment, load_report, merge_reports, new_report, save_report
     from .evaluate.runner import check_baseline, check_model_path, resolve_baseline
@@ -252,9 +252,9 @@ def run_bench(path: str | Path, baseline: str | None = "base", settings: BenchSe
     old = load_report(report_dir)
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
-    pruned = load(path, device=device, dtype=dtype)
+    pruned = load(path, device=device, dtype=dtype, device_map=device_map)
     check_baseline(pruned.model.config, pruned.tokenizer, base_spec)
-    dense = load(base_spec, device=device, dtype=dtype)
+    dense = load(base_spec, device=device, dtype=dtype, device_map=device_map)
     section = bench_models(dense.model, pruned.model, settings, dense_spec=base_spec, pruned_spec=path,
                            memory=memory, progress=progress)
     dev, dt = next(pruned.model.parameters()).device, next(pruned.model.parameters()).dtype

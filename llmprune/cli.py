@@ -37,8 +37,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "offline model 'smollm2-135m'")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of --model")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16 or float16 (default: float32 on CPU, "
-                   "bfloat16 on GPU); statistics are always accumulated in float64")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16 or float16 (default: the checkpoint's own "
+                   "dtype); statistics are always accumulated in float64")
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -57,6 +57,15 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
                    help="override any recipe key, e.g. --set pruner.metric=ifv (repeatable)")
     p.add_argument("--offload", action="store_true", help="keep decoder blocks on the CPU and move one at a "
                    "time to the device while calibrating (for models larger than device memory)")
+    p.add_argument("--stream", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
+                   help="read the model block by block from its safetensors files and write the pruned checkpoint "
+                   "shard by shard, never holding the whole model (bare --stream = on; default auto: stream when "
+                   "the model would not fit in memory; docs/streaming.md)")
+
+
+def _add_device_map(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device-map", default=None, metavar="MAP", help="`auto`: spread the model over all GPUs (and "
+                   "CPU) with accelerate, for models larger than one device; replaces --device (lm-eval gets it too)")
 
 
 def _add_output_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -151,7 +160,8 @@ def build_sub_parser(name: str) -> argparse.ArgumentParser:
         p.add_argument("--report", default=None, metavar="DIR", help="where to write the report (default: the "
                        "checkpoint directory; models that are not llmprune checkpoints get none unless given)")
         p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
-        p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: float32 on CPU)")
+        p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: the checkpoint's dtype)")
+        _add_device_map(p)
     elif name == "bench":
         p = argparse.ArgumentParser(prog="llmprune bench", description="Dense vs pruned speed and memory on this "
                                     "device: prefill latency, decode tokens/s, peak memory incl. the KV cache; "
@@ -170,8 +180,8 @@ def build_sub_parser(name: str) -> argparse.ArgumentParser:
         p.add_argument("--report", default=None, metavar="DIR", help="where to write the report (default: the "
                        "checkpoint directory)")
         p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
-        p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: float32 on CPU, "
-                       "bfloat16 on GPU)")
+        p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: the checkpoint's dtype)")
+        _add_device_map(p)
     elif name == "push":
         p = argparse.ArgumentParser(prog="llmprune push", description="Upload a pruned checkpoint to the Hugging "
                                     "Face Hub in one commit, with a generated model card (README.md, also written "

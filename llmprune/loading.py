@@ -101,10 +101,11 @@ def base_model_of(model_id: str, path: str, base: str, config: Any) -> str:
 
 
 def load(model_id: str, device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = "auto",
-         revision: str | None = None) -> Loaded:
+         revision: str | None = None, device_map: str | dict | None = None) -> Loaded:
     """Load a causal LM (Hub id, local directory, or an embedded name such as `smollm2-135m`) + tokenizer.
 
     The architecture is checked before any weight is read, so unsupported models fail at once.
+    `device_map="auto"` spreads the model over the GPUs (and CPU) with accelerate instead of `device`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -113,8 +114,12 @@ def load(model_id: str, device: str | torch.device | None = "auto", dtype: str |
     config = load_config(model_id, path, revision)
     family = family_for(config)
     dt = resolve_dtype(dtype, dev, config)
-    model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dt)
-    model.to(dev).eval()
+    if device_map is None:
+        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dt)
+        model.to(dev)
+    else:  # accelerate places the layers; inputs go to the first device, hooks move activations on
+        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dt, device_map=device_map)
+    model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
     return Loaded(model=model, tokenizer=tokenizer, family=family, model_id=model_id, path=str(path),
                   base_model=base_model_of(model_id, path, base, config), revision=revision)

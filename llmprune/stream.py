@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 STREAMABLE = ("magnitude", "wanda-sp", "flap", "cfsp")
 IN_MEMORY_PEAK = 2.5  # the in-memory path holds up to this many copies of the model while pruning
 MEMORY_SHARE = 0.8  # --stream auto streams when the in-memory need exceeds this share of what is free
+MAX_SHARD_SIZE: int | str = "50GB"  # transformers' save_pretrained default
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
 
 
@@ -254,7 +255,7 @@ def pruned_skeleton(model: nn.Module, family: Family, plan: Plan, dtype: torch.d
 
 @torch.no_grad()
 def write_streamed(loaded: Loaded, loader: StreamLoader, plan: Plan, out: Path, info: dict[str, Any],
-                   max_shard_size: int | str = "50GB", target: nn.Module | None = None) -> Path:
+                   max_shard_size: int | str | None = None, target: nn.Module | None = None) -> Path:
     """Slice every kept block (read once more) and write the pruned checkpoint shard by shard, atomically.
 
     The files equal what `save_pruned` writes for the in-memory pruned model (same tensors, names,
@@ -270,7 +271,7 @@ def write_streamed(loaded: Loaded, loader: StreamLoader, plan: Plan, out: Path, 
     new.name_or_path = getattr(model, "name_or_path", "")
     layout_sd = remove_tied_weights_from_state_dict(new.state_dict(), new)
     split = split_torch_state_dict_into_shards(layout_sd, filename_pattern="model{suffix}.safetensors",
-                                               max_shard_size=max_shard_size)
+                                               max_shard_size=max_shard_size or MAX_SHARD_SIZE)
     layout = {f: [(n, layout_sd[n]) for n in names] for f, names in split.filename_to_tensors.items()}
     pat = re.compile(rf"^{re.escape(loader.prefix)}\.(\d+)\.(.*)$")
     old_names = dict(model.state_dict(keep_vars=True))  # new name -> candidate old names (tied weights)
