@@ -129,7 +129,7 @@ def run(model_id: str, recipe: ResolvedRecipe, out: str | Path, *, device: str =
         target = streaming.pruned_skeleton(loaded.model, loaded.family, plan, loader.dtype)
         params = params_summary(plan, total_before, count_params(target))
         info = {"params": params, "provenance": prov, "timings": timings}
-        streaming.write_streamed(loaded, loader, plan, Path(out), info, target=target)
+        streaming.write_streamed(loaded, loader, plan, Path(out), info, target=target, progress=progress)
         timings["write_s"] = time.perf_counter() - t
     else:
         pruned = surgery.apply(loaded.model, plan, loaded.family)

@@ -25,11 +25,12 @@ from typing import Any
 import torch
 from accelerate import init_empty_weights
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import surgery
 from .checkpoint import _mark_remote_code, staging, write_extras
 from .families import Family, family_for
-from .loading import Loaded, base_model_of, load_config, resolve_dtype, resolve_source
+from .loading import Loaded, ModelLoadError, base_model_of, load_config, resolve_dtype, resolve_source
 from .plan import Plan
 from .shards import INDEX_FILE, ShardedSource, ShardError, ShardWriter
 
@@ -88,8 +89,9 @@ def open_streamed(model_id: str, device: torch.device, dtype: str | torch.dtype 
         model.generation_config = GenerationConfig.from_pretrained(path)
     loader = StreamLoader(model, family, source, device)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    downloaded = not Path(resolve_source(model_id)[0]).is_dir()  # a Hub id: credit it, not the cache folder
     loaded = Loaded(model=model, tokenizer=tokenizer, family=family, model_id=model_id, path=path,
-                    base_model=base_model_of(model_id, path, base, config), revision=revision)
+                    base_model=base if downloaded else base_model_of(model_id, path, base, config), revision=revision)
     return loaded, loader
 
 
@@ -208,7 +210,10 @@ def choose(mode: str | bool, model_id: str, method: str, device: torch.device, d
         return Choice(False, f"in memory (method {method} has no streamed path)")
     if mode == "on":
         return Choice(True, "streamed (--stream on)")
-    path, _ = local_snapshot(model_id, revision)
+    try:
+        path, _ = local_snapshot(model_id, revision)
+    except (StreamError, ModelLoadError) as e:  # the in-memory loader reports a bad name its own way
+        return Choice(False, f"in memory (cannot inspect the files: {str(e).splitlines()[0]})")
     try:
         source = ShardedSource(path)
     except ShardError as e:
@@ -255,7 +260,8 @@ def pruned_skeleton(model: nn.Module, family: Family, plan: Plan, dtype: torch.d
 
 @torch.no_grad()
 def write_streamed(loaded: Loaded, loader: StreamLoader, plan: Plan, out: Path, info: dict[str, Any],
-                   max_shard_size: int | str | None = None, target: nn.Module | None = None) -> Path:
+                   max_shard_size: int | str | None = None, target: nn.Module | None = None,
+                   progress: bool = True) -> Path:
     """Slice every kept block (read once more) and write the pruned checkpoint shard by shard, atomically.
 
     The files equal what `save_pruned` writes for the in-memory pruned model (same tensors, names,
@@ -277,9 +283,10 @@ def write_streamed(loaded: Loaded, loader: StreamLoader, plan: Plan, out: Path, 
     old_names = dict(model.state_dict(keep_vars=True))  # new name -> candidate old names (tied weights)
     with staging(out) as tmp:
         _mark_remote_code(new)
-        new.save_pretrained(tmp, state_dict={})  # config.json, generation_config.json, remote code: no weights
+        _config_files(new, tmp)
         writer = ShardWriter(tmp, layout)
         done: set[int] = set()
+        bar = tqdm(total=len(kept), desc="writing blocks", unit="block", disable=not progress)
         for name in layout_sd:  # in state-dict order: embeddings, block 0, 1, ..., norm, head
             m = pat.match(name)
             if m is None:
@@ -288,6 +295,8 @@ def write_streamed(loaded: Loaded, loader: StreamLoader, plan: Plan, out: Path, 
                 j = int(m.group(1))
                 done.add(j)
                 writer.put_all(_pruned_block(loaded, loader, plan, kept[j], j))
+                bar.update()
+        bar.close()
         writer.close()
         writer.verify()
         if split.is_sharded:
@@ -298,6 +307,19 @@ def write_streamed(loaded: Loaded, loader: StreamLoader, plan: Plan, out: Path, 
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         write_extras(tmp, new, loaded.tokenizer, plan, info)
     return out
+
+
+def _config_files(new: nn.Module, tmp: Path) -> None:
+    """config.json, generation_config.json and remote code exactly as save_pretrained writes them (no weights)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its "Writing model shards: 0it" bar would only confuse
+    try:
+        new.save_pretrained(tmp, state_dict={})
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def _aliases(model: nn.Module, name: str, state: dict[str, torch.Tensor]) -> list[str]:

@@ -226,3 +226,20 @@ def test_cli_prints_the_path_taken(tmp_path, bf16_dir, capsys):
                "--device", "cpu", "--stream", "--quiet"])
     assert rc == 0
     assert "pruning path: streamed" in capsys.readouterr().out
+
+
+def test_hub_id_downloads_safetensors_then_streams(tmp_path, bf16_dir, monkeypatch):
+    import huggingface_hub
+
+    asked = {}
+
+    def fake_download(repo_id, revision=None, allow_patterns=None, **kw):  # noqa: ANN001, ANN003, ANN202
+        asked.update(repo_id=repo_id, revision=revision, patterns=allow_patterns)
+        return str(bf16_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    res = api.run("acme/tiny-llama", load_recipe("magnitude", {"sparsity": 0.2}), tmp_path / "o", device="cpu",
+                  stream=True, revision="v1", progress=False)
+    assert asked["repo_id"] == "acme/tiny-llama" and asked["revision"] == "v1"
+    assert "*.safetensors" in asked["patterns"] and not any("bin" in p for p in asked["patterns"])
+    assert json.loads((res.out / "pruning.json").read_text())["plan"]["base_model"] == "acme/tiny-llama"
