@@ -130,6 +130,9 @@ class StreamLoader:
         for slot in self.slots:
             m = pat.match(slot[1][0])
             (self.by_block.setdefault(int(m.group(1)), []) if m else self.rest_slots).append(slot)
+        # what only the final norm and the head own: not needed to capture block 0's inputs
+        tail = {id(m) for top in (family.final_norm(model), family.lm_head(model)) for m in top.modules()}
+        self.front_slots = [s for s in self.rest_slots if not all(id(mod) in tail for mod, _, _ in s[0])]
         self.depth: dict[Any, int] = {}
 
     @contextlib.contextmanager
@@ -164,8 +167,8 @@ class StreamLoader:
     def block(self, index: int) -> contextlib.AbstractContextManager[None]:
         return self._real(index, self.by_block.get(index, []))
 
-    def rest(self) -> contextlib.AbstractContextManager[None]:
-        return self._real("rest", self.rest_slots)
+    def rest(self, head: bool = True) -> contextlib.AbstractContextManager[None]:
+        return self._real("rest", self.rest_slots if head else self.front_slots)
 
     def read(self, names: list[str]) -> torch.Tensor:
         """A non-block tensor (in the run dtype, on the CPU) under the first of `names` the checkpoint has."""

@@ -28,8 +28,8 @@ class BlockLoader(Protocol):
         """Block `index`'s weights are on the compute device while active (re-entrant)."""
         ...
 
-    def rest(self) -> ContextManager[None]:
-        """The weights outside the decoder blocks (embeddings, final norm, head) while active."""
+    def rest(self, head: bool = True) -> ContextManager[None]:
+        """The weights outside the decoder blocks (embeddings; with `head` also final norm and LM head)."""
         ...
 
 
@@ -100,7 +100,7 @@ class BlockWalker:
         if self.offload:
             self.model.to(self.device)
         try:
-            with self.loader.rest() if self.loader is not None else contextlib.nullcontext():
+            with self.loader.rest(head=False) if self.loader is not None else contextlib.nullcontext():
                 for batch in self.batches:
                     try:
                         self.model(input_ids=batch.to(self.device), use_cache=False)
