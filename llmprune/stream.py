@@ -163,6 +163,8 @@ class StreamLoader:
             self.depth[key] = 0
             for table, attr, old in reversed(saved):
                 table[attr] = old
+            saved.clear()
+            release_freed_memory()
 
     def block(self, index: int) -> contextlib.AbstractContextManager[None]:
         return self._real(index, self.by_block.get(index, []))
@@ -174,6 +176,25 @@ class StreamLoader:
         """A non-block tensor (in the run dtype, on the CPU) under the first of `names` the checkpoint has."""
         t = self.source.read(next(n for n in names if n in self.source))
         return t.to(self.dtype) if t.is_floating_point() else t
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc `malloc_trim`). Without it, glibc keeps the blocks'
+    freed buffers in its heap (its mmap threshold grows with the first freed large tensor), and the
+    resident memory creeps up block after block although nothing is held: measured +15 MB per block."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM: Any = None
 
 
 # ---- choosing the path ---------------------------------------------------------------------------
