@@ -4,8 +4,10 @@ of real shapes built on the fly and saved as bf16 safetensors shards.
     python scripts/bench_scale.py --sizes 0.3B,1.2B --method wanda-sp --out bench_scale/
     python scripts/bench_scale.py --sizes 0.3B,1.2B,3B --modes stream          # streaming only
 
-Every (size, mode) runs in a fresh subprocess; its peak resident memory is `ru_maxrss` of that process
-(getrusage), so nothing of one run counts in another. Results go to `OUT/results.json` (merged with
+Every (size, mode) runs in a fresh subprocess; its peak resident memory is the high-water mark of that
+process's own address space (`VmHWM` in /proc/self/status). Not `ru_maxrss`: Linux carries a parent's
+peak across fork + exec into the child's `ru_maxrss`, so a child of a process that just built a 2 GB
+model would report at least 2 GB. Models are built in a subprocess of their own for the same reason. Results go to `OUT/results.json` (merged with
 earlier runs) and `OUT/memory_vs_size.png`. Models are written once to `OUT/models/` (delete to rebuild);
 the random weights are built one tensor at a time, so building a model needs little memory either.
 Times measured on a shared or busy machine are not meaningful; peak memory is.
@@ -94,9 +96,18 @@ def child(args: argparse.Namespace) -> None:
     res = api.run(args.model, recipe, args.output, device=args.device, stream=args.mode == "stream",
                   overwrite=True, progress=False)
     wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
-    print(json.dumps({"peak_rss_bytes": peak, "wall_s": wall, "timings": res.timings, "path": res.path_taken,
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # includes the parent's peak; for reference
+    print(json.dumps({"peak_rss_bytes": peak_rss(), "ru_maxrss_bytes": maxrss, "wall_s": wall, "timings": res.timings,
+                      "path": res.path_taken,
                       "params_before": res.params["total_before"], "params_after": res.params["total_after"]}))
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (VmHWM: since its exec, unlike ru_maxrss)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def measure(model: Path, mode: str, args: argparse.Namespace, out: Path) -> dict:
@@ -163,6 +174,7 @@ def main() -> None:
     p.add_argument("--keep-outputs", action="store_true", help="keep the pruned checkpoints (else deleted after "
                    "checking that both paths wrote the same tensors)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--build", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
     p.add_argument("--output", help=argparse.SUPPRESS)
@@ -170,12 +182,16 @@ def main() -> None:
     if args.child:
         child(args)
         return
+    if args.build:
+        build(args.build, Path(args.out) / "models")
+        return
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     res_path = root / "results.json"
     results = json.loads(res_path.read_text()) if res_path.exists() else {}
     for name in args.sizes.split(","):
-        model = build(name, root / "models")
+        subprocess.run([sys.executable, __file__, "--build", name, "--out", str(root)], check=True)
+        model = root / "models" / name
         outs = {}
         for mode in args.modes.split(","):
             outs[mode] = root / "outputs" / f"{name}-{mode}"
