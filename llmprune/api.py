@@ -123,7 +123,8 @@ def run(model_id: str, recipe: ResolvedRecipe, out: str | Path, *, device: str =
     timings["plan_s"] = time.perf_counter() - t
     t = time.perf_counter()
     total_before = count_params(loaded.model)
-    prov = provenance(loaded, recipe, cal_desc, command, dtype=str(next(loaded.model.parameters()).dtype).removeprefix("torch."))
+    dtype_name = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+    prov = provenance(loaded, recipe, cal_desc, command, dtype=dtype_name)
     pruned = None
     if loader is not None:
         target = streaming.pruned_skeleton(loaded.model, loaded.family, plan, loader.dtype)

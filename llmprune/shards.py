@@ -134,7 +134,8 @@ class ShardWriter:
             for pos, (name, t) in enumerate(items):
                 if t.dtype not in _NAMES:
                     raise ShardError(f"cannot write tensor {name} of dtype {t.dtype}")
-                header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + _nbytes(t)]}
+                header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape),
+                                "data_offsets": [off, off + _nbytes(t)]}
                 off += _nbytes(t)
                 self.where[name] = (fname, pos)
             raw = json.dumps(header, separators=(",", ":")).encode()

@@ -352,7 +352,8 @@ def _aliases(model: nn.Module, name: str, state: dict[str, torch.Tensor]) -> lis
     return [name] + [n for n, v in state.items() if t is not None and v is t and n != name]
 
 
-def _pruned_block(loaded: Loaded, loader: StreamLoader, plan: Plan, old: int, new: int) -> list[tuple[str, torch.Tensor]]:
+def _pruned_block(loaded: Loaded, loader: StreamLoader, plan: Plan, old: int,
+                  new: int) -> list[tuple[str, torch.Tensor]]:
     """Block `old` read, sliced by its layer plan, renamed to index `new`: [(name, CPU tensor)]."""
     family, model = loaded.family, loaded.model
     with loader.block(old):

@@ -7,8 +7,8 @@ of real shapes built on the fly and saved as bf16 safetensors shards.
 Every (size, mode) runs in a fresh subprocess; its peak resident memory is the high-water mark of that
 process's own address space (`VmHWM` in /proc/self/status). Not `ru_maxrss`: Linux carries a parent's
 peak across fork + exec into the child's `ru_maxrss`, so a child of a process that just built a 2 GB
-model would report at least 2 GB. Models are built in a subprocess of their own for the same reason. Results go to `OUT/results.json` (merged with
-earlier runs) and `OUT/memory_vs_size.png`. Models are written once to `OUT/models/` (delete to rebuild);
+model would report at least 2 GB. Models are built in a subprocess of their own for the same reason.
+Results go to `OUT/results.json` (merged with earlier runs) and `OUT/memory_vs_size.png`. Models are written once to `OUT/models/` (delete to rebuild);
 the random weights are built one tensor at a time, so building a model needs little memory either.
 Times measured on a shared or busy machine are not meaningful; peak memory is.
 """
@@ -65,7 +65,8 @@ def build(name: str, root: Path) -> Path:
         if "norm" in key:
             val = 1 + 0.1 * torch.randn(t.shape, generator=g)
         else:
-            val = torch.randn(t.shape, generator=g) * (0.02 if "embed" in key or "lm_head" in key else t.shape[-1] ** -0.5)
+            scale = 0.02 if "embed" in key or "lm_head" in key else t.shape[-1] ** -0.5
+            val = torch.randn(t.shape, generator=g) * scale
         shards[-1][key] = val.to(torch.bfloat16)
         size += shards[-1][key].numel() * 2
         if size >= 1 << 30:
@@ -149,7 +150,8 @@ def plot(results: dict, path: Path) -> None:
         pts = sorted((r["params_before"] / 1e9, r["peak_rss_bytes"] / 2**30, name)
                      for name, r in ((n, v.get(mode)) for n, v in results.items()) if r)
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label="in memory" if mode == "memory" else "streamed")
+            label = "in memory" if mode == "memory" else "streamed"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
             for x, y, name in pts:
                 ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("model parameters (billions, bf16)")

@@ -32,5 +32,5 @@ def calibrate(model: nn.Module, tokens: torch.Tensor, sites: Iterable[str] = ("a
     return stats
 
 
-__all__ = ["BlockLoader", "BlockSimilarity", "BlockWalker", "on_device", "RunningMoments", "SITES", "Stats", "calibrate", "record",
-           "site_modules", "site_name"]
+__all__ = ["BlockLoader", "BlockSimilarity", "BlockWalker", "RunningMoments", "SITES", "Stats", "calibrate", "on_device",
+           "record", "site_modules", "site_name"]

@@ -188,7 +188,6 @@ def plan_width(ctx: PruneContext, opts: WidthOptions, score: ScoreFn, score_site
     own = set(score_sites) | (set(MEAN_SITES) if opts.compensate else set())
     sites = own | signal_sites(opts)
     sequential = bool(getattr(opts, "sequential", False))
-    n = len(ctx.geometry)
     if not sequential:
         stats, units = _dense_units(ctx, opts, score, sites)
         keeps = run_allocation(units, stats)
