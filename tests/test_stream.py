@@ -112,12 +112,13 @@ def test_sharded_output_loads_with_and_without_llmprune(tmp_path, bf16_dir, cal_
     assert torch.isfinite(ours).all()
 
 
-def test_truncated_shard_names_the_file(tmp_path, bf16_dir, cal_file):
+@pytest.mark.parametrize("mode", [True, "auto"])  # auto checks the files before choosing
+def test_truncated_shard_names_the_file(tmp_path, bf16_dir, cal_file, mode):
     shard = sorted(bf16_dir.glob("model-*.safetensors"))[1]
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
     with pytest.raises(ShardError, match=rf"{shard.name}.*truncated"):
-        api.run(str(bf16_dir), recipe("magnitude", cal_file), tmp_path / "o", device="cpu", stream=True,
+        api.run(str(bf16_dir), recipe("magnitude", cal_file), tmp_path / "o", device="cpu", stream=mode,
                 progress=False)
     assert not (tmp_path / "o").exists()
 
