@@ -27,8 +27,7 @@ def calibrate(model: nn.Module, tokens: torch.Tensor, sites: Iterable[str] = ("a
     stats = Stats(n_tokens=walker.n_tokens)
     for i in tqdm(range(len(walker.layers)), desc="calibrating", unit="layer", disable=not progress):
         with on_device(loader, i), record(site_modules(family.block(model, i), sites), stats):
-            outs = walker.run(i)
-        walker.advance(outs)
+            walker.advance_through(i)
     return stats
 
 

@@ -114,8 +114,13 @@ class BlockWalker:
 
     # ---- running blocks ---------------------------------------------------------------------------
     @torch.no_grad()
-    def run(self, i: int, hidden: list[torch.Tensor] | None = None, layer: nn.Module | None = None) -> list[torch.Tensor]:
-        """Run block `i` (or a stand-in `layer`) on `hidden` (default: the current inputs); return its outputs."""
+    def run(self, i: int, hidden: list[torch.Tensor] | None = None, layer: nn.Module | None = None,
+            keep: bool = True, in_place: bool = False) -> list[torch.Tensor]:
+        """Run block `i` (or a stand-in `layer`) on `hidden` (default: the current inputs); return its outputs.
+
+        keep=False: outputs are dropped (a statistics-only pass). in_place=True: each micro-batch's output
+        replaces its input at once, so a pass holds one copy of the activations, not two (`advance_through`).
+        """
         layer = self.layers[i] if layer is None else layer
         hidden = self.hidden if hidden is None else hidden
         home = None
@@ -125,10 +130,14 @@ class BlockWalker:
         outs = []
         try:
             with on_device(self.loader, i) if layer is self.layers[i] else contextlib.nullcontext():
-                for h, (args, kwargs) in zip(hidden, self.layer_args[i]):
+                for j, (h, (args, kwargs)) in enumerate(zip(hidden, self.layer_args[i])):
                     out = layer(h.to(self.device), *args, **kwargs)
                     out = out[0] if isinstance(out, tuple) else out
-                    outs.append(out.to(self.store))
+                    if in_place:
+                        del h
+                        hidden[j] = out.to(self.store)
+                    elif keep:
+                        outs.append(out.to(self.store))
         finally:
             if home is not None:
                 layer.to(home)
@@ -137,6 +146,12 @@ class BlockWalker:
     def advance(self, outputs: list[torch.Tensor]) -> None:
         """The given block outputs become the inputs of the next block."""
         self.hidden = outputs
+
+    def advance_through(self, i: int) -> None:
+        """Run block `i` on the current inputs and make its outputs the next inputs, micro-batch by micro-batch
+        (the same numbers as `advance(run(i))`, with one copy of the activations instead of two)."""
+        self.hidden = list(self.hidden)  # a caller may still hold the old list
+        self.run(i, self.hidden, in_place=True)
 
     @torch.no_grad()
     def logits(self, hidden: list[torch.Tensor] | None = None) -> list[torch.Tensor]:

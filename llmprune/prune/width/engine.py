@@ -173,8 +173,7 @@ def _dense_units(ctx: PruneContext, opts: WidthOptions, score: ScoreFn, sites: s
     for i in tqdm(range(n), desc="calibrating", unit="layer", disable=not ctx.progress):
         with ctx.on_device(i):
             with record(site_modules(ctx.family.block(ctx.model, i), sorted(sites)), stats):
-                outs = walker.run(i)
-            walker.advance(outs)
+                walker.advance_through(i)
             units.append(_units(ctx, opts, score, stats, i))
     return stats, units
 
@@ -220,10 +219,10 @@ def _sequential(ctx: PruneContext, opts: WidthOptions, score: ScoreFn, sites: se
     for i in tqdm(range(n), desc="pruning layers", unit="layer", disable=not ctx.progress):
         with ctx.on_device(i):  # one read of a streamed block serves all four steps
             with record(site_modules(ctx.family.block(ctx.model, i), sites), stats):
-                walker.run(i)
+                walker.run(i, keep=False)  # statistics only
             keeps[i] = keep_shape(_units(ctx, opts, score, stats, i), *shape_of(sizes[i], ctx.geometry[i]))
             only_this = [keeps[i] if j == i else LayerKeep() for j in range(n)]
             layer_plan = plan_from_keeps(ctx.geometry, only_this, method, stats=stats, compensate=opts.compensate)
             with simulate(ctx.model, layer_plan, ctx.family):
-                walker.advance(walker.run(i))
+                walker.advance_through(i)
     return plan_from_keeps(ctx.geometry, keeps, method, stats=stats, compensate=opts.compensate)
