@@ -6,10 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .modeling import LlmpruneLlamaConfig
+from .modeling import is_pruned_model_type
 from .plan import Plan
 
-CUSTOM_MODEL_TYPE = LlmpruneLlamaConfig.model_type  # "llmprune_llama": non-uniform checkpoints
 
 
 @dataclass
@@ -46,7 +45,7 @@ class CardFacts:
 
     @property
     def custom_code(self) -> bool:
-        return self.config.get("model_type") == CUSTOM_MODEL_TYPE
+        return is_pruned_model_type(self.config.get("model_type"))  # llmprune_<family>: non-uniform
 
     @property
     def model_name(self) -> str:

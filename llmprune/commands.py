@@ -192,7 +192,6 @@ def cmd_apply(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace, argv: list[str]) -> int:
-    from .card_facts import CUSTOM_MODEL_TYPE
     from .checkpoint import PRUNING_FILE
     from .plan import Plan
 
@@ -211,8 +210,11 @@ def cmd_inspect(args: argparse.Namespace, argv: list[str]) -> int:
     if path.is_dir():
         doc = json.loads((path / PRUNING_FILE).read_text())
         cfg = json.loads((path / "config.json").read_text())
-        kind = "non-uniform (llmprune_llama, needs trust_remote_code without llmprune)" \
-            if cfg.get("model_type") == CUSTOM_MODEL_TYPE else f"uniform (stock {cfg.get('model_type')})"
+        from .modeling import is_pruned_model_type
+
+        mt = cfg.get("model_type")
+        kind = f"non-uniform ({mt}, needs trust_remote_code without llmprune)" \
+            if is_pruned_model_type(mt) else f"uniform (stock {mt})"
         print(f"checkpoint: {kind}")
         if "params" in doc:
             p = doc["params"]

@@ -27,11 +27,10 @@ from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, Reposit
 from huggingface_hub.utils import HFValidationError, get_token, validate_repo_id
 
 from . import __version__
-from .card_facts import CUSTOM_MODEL_TYPE
 from .checkpoint import CHECKPOINT_FORMAT, PRUNING_FILE, RECIPE_FILE
 from .evaluate.report import REPORT_JSON, REPORT_MD
 from .modelcard import CARD_FILE, build_model_card, write_model_card
-from .modeling import REMOTE_CODE_FILES
+from .modeling import REMOTE_CODE_FILES, is_pruned_model_type
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +86,7 @@ def check_checkpoint(checkpoint_dir: str | Path) -> dict[str, Any]:
             raise PushError(f"{d}: weight shards listed in the index are missing: {', '.join(absent)}")
     elif not (d / "model.safetensors").is_file():
         raise PushError(f"{d} has no model.safetensors (nor a sharded index): the weights are missing")
-    if json.loads((d / "config.json").read_text()).get("model_type") == CUSTOM_MODEL_TYPE:
+    if is_pruned_model_type(json.loads((d / "config.json").read_text()).get("model_type")):
         absent = [f for f in REMOTE_CODE_FILES if not (d / f).is_file()]
         if absent:
             raise PushError(f"{d}: non-uniform checkpoint without its architecture files {', '.join(absent)}; "

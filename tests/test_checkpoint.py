@@ -47,9 +47,9 @@ def run_without_llmprune(path: Path, ids: torch.Tensor) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2"])
 def test_nonuniform_round_trip_both_loaders(tmp_path, tokens, tiny_tokenizer, family):
-    model = make_model(family, tie=(family == "llama"))
+    model = make_model(family, tie=family in ("llama", "gemma2", "gemma3_text"))
     plan = mixed_plan(model, compensate=True)
     pruned = surgery.apply(model, plan)
     ref = pruned(tokens).logits
@@ -58,7 +58,7 @@ def test_nonuniform_round_trip_both_loaders(tmp_path, tokens, tiny_tokenizer, fa
     assert {"config.json", "model.safetensors", "pruning.json", "configuration_llmprune.py",
             "modeling_llmprune.py", "tokenizer.json"} <= files
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["model_type"] == "llmprune_llama"
+    assert cfg["model_type"] == ("llmprune_llama" if family in ("llama", "qwen3") else f"llmprune_{family}")
     assert set(cfg["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
     per_layer = {int(k): v for k, v in cfg["per_layer_config"].items()}
     assert per_layer[0]["skip"] == ["attention"] and per_layer[2]["skip"] == ["mlp"]
