@@ -244,3 +244,14 @@ def test_hub_id_downloads_safetensors_then_streams(tmp_path, bf16_dir, monkeypat
     assert asked["repo_id"] == "acme/tiny-llama" and asked["revision"] == "v1"
     assert "*.safetensors" in asked["patterns"] and not any("bin" in p for p in asked["patterns"])
     assert json.loads((res.out / "pruning.json").read_text())["plan"]["base_model"] == "acme/tiny-llama"
+
+
+@pytest.mark.parametrize("family", ["gemma2", "phi3", "olmo2"])
+def test_streamed_equals_in_memory_other_families(tmp_path, tiny_tokenizer, cal_file, family):
+    d = tmp_path / family
+    make_model(family, layers=3).to(torch.bfloat16).save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    mem, st = both_paths(d, tmp_path, "flap", cal_file)
+    a, b = tensors(mem), tensors(st)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((mem / "config.json").read_text()) == json.loads((st / "config.json").read_text())
