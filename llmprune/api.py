@@ -46,7 +46,7 @@ def calibration_tokens(tokenizer: Any, recipe: ResolvedRecipe) -> tuple[torch.Te
 
 def make_plan(model: nn.Module, recipe: ResolvedRecipe, tokens: torch.Tensor | None = None,
               family: Family | None = None, base_model: str | None = None, device: str | torch.device | None = None,
-              offload: bool = False, progress: bool = True) -> Plan:
+              offload: bool = False, progress: bool = True, loader: Any = None) -> Plan:
     """Score and decide: the Plan for `model` under `recipe` (no weights are edited)."""
     family = family or family_for(model.config)
     spec = get_pruner(recipe.method)
@@ -54,7 +54,8 @@ def make_plan(model: nn.Module, recipe: ResolvedRecipe, tokens: torch.Tensor | N
         raise ValueError(f"method {recipe.method!r} needs calibration tokens")
     cal = recipe.recipe.calibration
     ctx = PruneContext(model=model, family=family, sparsity=recipe.recipe.sparsity, tokens=tokens,
-                       batch_size=cal.batch_size, device=device, offload=offload, seed=cal.seed, progress=progress)
+                       batch_size=cal.batch_size, device=device, offload=offload, seed=cal.seed, progress=progress,
+                       loader=loader)
     torch.manual_seed(cal.seed)
     plan = spec.plan(ctx, recipe.options)
     plan.method = recipe.method
@@ -83,18 +84,33 @@ class RunResult:
     plan: Plan
     params: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
-    model: nn.Module | None = None  # the pruned model, when run(..., keep_model=True)
+    model: nn.Module | None = None  # the pruned model, when run(..., keep_model=True) and not streamed
     tokenizer: Any = None
+    path_taken: str = ""  # "streamed: ..." or "in memory: ...", and why (stream.choose)
 
 
 def run(model_id: str, recipe: ResolvedRecipe, out: str | Path, *, device: str = "auto", dtype: str = "auto",
         overwrite: bool = False, offload: bool = False, revision: str | None = None,
-        progress: bool = True, command: str | None = None, keep_model: bool = False) -> RunResult:
-    """The main job: load → calibrate → plan → apply → save. Returns where it went and the numbers."""
+        progress: bool = True, command: str | None = None, keep_model: bool = False,
+        stream: bool | str = "auto") -> RunResult:
+    """The main job: load → calibrate → plan → apply → save. Returns where it went and the numbers.
+
+    stream: True streams the model block by block from its safetensors files (never loaded whole,
+    docs/streaming.md), False loads it, "auto" streams when it would not fit in memory.
+    """
+    from . import stream as streaming
+
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     check_output_dir(out, overwrite, inputs=input_paths(model_id))  # before any expensive work
-    loaded = load(model_id, device=device, dtype=dtype, revision=revision)
+    dev = resolve_device(device)
+    choice = streaming.choose(stream, model_id, recipe.method, dev, dtype, revision)
+    log.info("pruning path: %s", choice.reason)
+    loader = None
+    if choice.stream:
+        loaded, loader = streaming.open_streamed(model_id, dev, dtype, revision)
+    else:
+        loaded = load(model_id, device=device, dtype=dtype, revision=revision)
     check_fits(loaded.model.config, recipe)
     timings["load_s"] = time.perf_counter() - t0
     tokens, cal_desc = None, None
@@ -104,28 +120,34 @@ def run(model_id: str, recipe: ResolvedRecipe, out: str | Path, *, device: str =
         timings["data_s"] = time.perf_counter() - t
     t = time.perf_counter()
     plan = make_plan(loaded.model, recipe, tokens, family=loaded.family, base_model=loaded.base_model,
-                     offload=offload, progress=progress)
+                     device=dev if loader is not None else None, offload=offload, progress=progress, loader=loader)
     plan.base_revision = revision
     plan.base_identity = loaded.identity
     check_runnable(plan)  # before surgery: a model without any attention cannot generate
     timings["plan_s"] = time.perf_counter() - t
     t = time.perf_counter()
     total_before = count_params(loaded.model)
-    pruned = surgery.apply(loaded.model, plan, loaded.family)
-    del loaded.model
-    timings["apply_s"] = time.perf_counter() - t
-    params = params_summary(plan, total_before, count_params(pruned))
-    t = time.perf_counter()
-    info = {
-        "params": params,
-        "provenance": provenance(loaded, recipe, cal_desc, command, dtype=str(next(pruned.parameters()).dtype).removeprefix("torch.")),
-        "timings": timings,
-    }
-    save_pruned(pruned, loaded.tokenizer, out, plan, info=info, overwrite=overwrite)
-    timings["save_s"] = time.perf_counter() - t
+    dtype_name = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+    prov = provenance(loaded, recipe, cal_desc, command, dtype=dtype_name)
+    pruned = None
+    if loader is not None:
+        target = streaming.pruned_skeleton(loaded.model, loaded.family, plan, loader.dtype)
+        params = params_summary(plan, total_before, count_params(target))
+        info = {"params": params, "provenance": prov, "timings": timings}
+        streaming.write_streamed(loaded, loader, plan, Path(out), info, target=target, progress=progress)
+        timings["write_s"] = time.perf_counter() - t
+    else:
+        pruned = surgery.apply(loaded.model, plan, loaded.family)
+        del loaded.model
+        timings["apply_s"] = time.perf_counter() - t
+        params = params_summary(plan, total_before, count_params(pruned))
+        info = {"params": params, "provenance": prov, "timings": timings}
+        t = time.perf_counter()
+        save_pruned(pruned, loaded.tokenizer, out, plan, info=info, overwrite=overwrite)
+        timings["save_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
-    res = RunResult(out=Path(out), plan=plan, params=params, timings=timings)
-    if keep_model:  # e.g. to evaluate the in-memory pruned model right after saving (--eval-tasks)
+    res = RunResult(out=Path(out), plan=plan, params=params, timings=timings, path_taken=choice.reason)
+    if keep_model and pruned is not None:  # e.g. to evaluate the pruned model right after saving (--eval-tasks)
         res.model, res.tokenizer = pruned, loaded.tokenizer
     return res
 
@@ -184,7 +206,8 @@ class EvalOutcome:
 
 def run_eval(model: str | nn.Module, request: EvalRequest, *, tokenizer: Any = None, name: str | None = None,
              report_dir: str | Path | None = None, device: str | torch.device | None = "auto",
-             dtype: str | torch.dtype | None = "auto", progress: bool = True) -> EvalOutcome:
+             dtype: str | torch.dtype | None = "auto", progress: bool = True,
+             device_map: str | None = None) -> EvalOutcome:
     """Perplexity and lm-eval tasks of a pruned model against `request.baseline`.
 
     Returns this run's report sections (`.run`) and the report merged with the existing one (`.report`).
@@ -198,11 +221,12 @@ def run_eval(model: str | nn.Module, request: EvalRequest, *, tokenizer: Any = N
 
     old = load_report(report_dir) if report_dir is not None else None  # a broken report fails before any work
     request = dataclasses.replace(request)  # resolved below; the caller's object stays as it was
+    request.device_map = request.device_map or device_map
     if isinstance(model, str):
         check_model_path(model)
         request.baseline = resolve_baseline(request.baseline, model if Path(model).is_dir() else None)
         try:
-            loaded = load(model, device=device, dtype=dtype)
+            loaded = load(model, device=device, dtype=dtype, device_map=device_map)
         except ModelLoadError as e:
             if Path(model).exists() or is_embedded(model):
                 raise
@@ -233,7 +257,8 @@ def run_eval(model: str | nn.Module, request: EvalRequest, *, tokenizer: Any = N
 
 def run_bench(path: str | Path, baseline: str | None = "base", settings: BenchSettings | None = None, *,
               device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = "auto",
-              memory: bool = True, report_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+              memory: bool = True, report_dir: str | Path | None = None, progress: bool = True,
+              device_map: str | None = None) -> dict[str, Any]:
     """Dense vs pruned speed and memory of a checkpoint; merges the `speed` section into its report."""
     from .evaluate.report import environment, load_report, merge_reports, new_report, save_report
     from .evaluate.runner import check_baseline, check_model_path, resolve_baseline
@@ -252,9 +277,9 @@ def run_bench(path: str | Path, baseline: str | None = "base", settings: BenchSe
     old = load_report(report_dir)
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
-    pruned = load(path, device=device, dtype=dtype)
+    pruned = load(path, device=device, dtype=dtype, device_map=device_map)
     check_baseline(pruned.model.config, pruned.tokenizer, base_spec)
-    dense = load(base_spec, device=device, dtype=dtype)
+    dense = load(base_spec, device=device, dtype=dtype, device_map=device_map)
     section = bench_models(dense.model, pruned.model, settings, dense_spec=base_spec, pruned_spec=path,
                            memory=memory, progress=progress)
     dev, dt = next(pruned.model.parameters()).device, next(pruned.model.parameters()).dtype

@@ -75,8 +75,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, ... (default: cuda if available, "
                    "else cpu)")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16 or float16 (default: float32 on CPU, "
-                   "bfloat16 on GPU); statistics are always accumulated in float64")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16 or float16 (default: the "
+                   "checkpoint's own dtype); statistics are always accumulated in float64")
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -96,6 +96,19 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
                    help="override any recipe key, e.g. --set pruner.metric=ifv (repeatable)")
     p.add_argument("--offload", action="store_true", help="keep decoder blocks on the CPU and move one at a "
                    "time to the device while calibrating (for models larger than device memory)")
+
+
+
+def _add_stream(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stream", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
+                   help="read the model block by block from its safetensors files and write the pruned checkpoint "
+                   "shard by shard, never holding the whole model (bare --stream = on; default auto: stream when "
+                   "the model would not fit in memory; docs/streaming.md)")
+
+
+def _add_device_map(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device-map", default=None, metavar="MAP", help="`auto`: spread the model over all GPUs (and "
+                   "CPU) with accelerate, for models larger than one device; replaces --device (lm-eval gets it too)")
 
 
 def _add_output_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -148,6 +161,7 @@ def _build_prune(sub: Any) -> None:
               "and save a smaller checkpoint. `llmprune --model ...` without a verb is the same.")
     _add_model_args(p)
     _add_recipe_args(p)
+    _add_stream(p)
     _add_output_args(p, "directory for the pruned checkpoint")
     _add_main_eval_args(p)
     _add_push_args(p)
@@ -205,6 +219,7 @@ def _build_eval(sub: Any) -> None:
     p.add_argument("--report", default=None, metavar="DIR", help="where to write the report (default: the "
                    "checkpoint directory; models that are not llmprune checkpoints get none unless given)")
     _add_device_args(p)
+    _add_device_map(p)
     _add_common(p)
 
 
@@ -226,6 +241,7 @@ def _build_bench(sub: Any) -> None:
     p.add_argument("--report", default=None, metavar="DIR", help="where to write the report (default: the "
                    "checkpoint directory)")
     _add_device_args(p)
+    _add_device_map(p)
     _add_common(p)
 
 

@@ -87,7 +87,9 @@ def cmd_prune(args: argparse.Namespace, argv: list[str]) -> int:
     eval_req = _main_eval_request(args)  # bad task names fail here, before any pruning work
     res = api.run(args.model, recipe, args.output, device=args.device, dtype=args.dtype, overwrite=args.overwrite,
                   offload=args.offload, revision=args.revision, progress=not args.quiet,
-                  command="llmprune " + shlex.join(_redact_secrets(argv)), keep_model=eval_req is not None)
+                  command="llmprune " + shlex.join(_redact_secrets(argv)), keep_model=eval_req is not None,
+                  stream=getattr(args, "stream", "auto"))
+    print(f"pruning path: {res.path_taken}")
     if not args.quiet:
         print(res.plan.summary())
     from .prune.finercut.report import removal_report
@@ -99,7 +101,8 @@ def cmd_prune(args: argparse.Namespace, argv: list[str]) -> int:
     if eval_req is not None:
         from .evaluate.runner import print_summary
 
-        outcome = api.run_eval(res.model, eval_req, tokenizer=res.tokenizer, name=str(res.out), report_dir=res.out,
+        model = res.model if res.model is not None else str(res.out)  # streamed: evaluate the written checkpoint
+        outcome = api.run_eval(model, eval_req, tokenizer=res.tokenizer, name=str(res.out), report_dir=res.out,
                                progress=not args.quiet)
         print(print_summary(outcome.run))
         print(f"report written to {res.out / 'report.md'}")
@@ -346,7 +349,7 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
     req = EvalRequest(tasks=tasks, include_paths=args.include_path, perplexity=ppl, batch_size=args.batch_size,
                       baseline=args.baseline, use_cache=not args.no_cache)
     outcome = api.run_eval(args.path, req, report_dir=report_dir, device=args.device, dtype=args.dtype,
-                           progress=not args.quiet)
+                           progress=not args.quiet, device_map=getattr(args, "device_map", None))
     run = outcome.run
     for name, e in (run.get("perplexity") or {}).items():
         print(f"perplexity on {name} [{e.get('split')}], {e['n_windows']} windows x {e['seqlen']} tokens")
@@ -374,7 +377,8 @@ def cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
     settings = BenchSettings(prompt_len=args.prompt_len, decode_tokens=args.decode_tokens, batch_sizes=batch_sizes,
                              repeats=args.repeats, warmup=args.warmup, threads=args.threads)
     report = api.run_bench(args.path, args.baseline, settings, device=args.device, dtype=args.dtype,
-                           memory=not args.no_memory, report_dir=args.report, progress=not args.quiet)
+                           memory=not args.no_memory, report_dir=args.report, progress=not args.quiet,
+                           device_map=getattr(args, "device_map", None))
     from .evaluate.speed import speed_table
 
     print(speed_table(report["speed"]))

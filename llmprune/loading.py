@@ -69,54 +69,89 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """auto: float32 on CPU (fast and exact there), bfloat16 on GPU."""
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, config: Any = None) -> torch.dtype:
+    """auto: the checkpoint's own dtype (config `dtype` / `torch_dtype`, as transformers reads it),
+    float32 when the config names none. Explicit names: float32, bfloat16, float16 (and short forms)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return checkpoint_dtype(config) or torch.float32
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(sorted(set(DTYPES)))}")
     return DTYPES[dtype]
 
 
-def load(model_id: str, device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = "auto",
-         revision: str | None = None) -> Loaded:
-    """Load a causal LM (Hub id, local directory, or an embedded name such as `smollm2-135m`) + tokenizer.
+def checkpoint_dtype(config: Any) -> torch.dtype | None:
+    """The floating dtype a config says its weights are stored in, or None."""
+    for key in ("dtype", "torch_dtype"):
+        value = getattr(config, key, None) if config is not None else None
+        if isinstance(value, torch.dtype) and value.is_floating_point:
+            return value
+        if isinstance(value, str) and value.removeprefix("torch.") in DTYPES:
+            return DTYPES[value.removeprefix("torch.")]
+    return None
 
-    The architecture and the weight files are checked before any weight is read, so unsupported,
-    missing or truncated models fail at once with a message that names the fix.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    path, base = locate(model_id, revision), model_id
-    if is_embedded(model_id):
-        base = EMBEDDED[model_id].hub_id
+def resolve_source(model_id: str, revision: str | None = None) -> tuple[str, str]:
+    """(what to hand to from_pretrained: local dir or Hub id, Hub id or name to credit); checks local dirs."""
+    path = locate(model_id, revision)
+    return path, EMBEDDED[model_id].hub_id if is_embedded(model_id) else model_id
+
+
+def load_config(model_id: str, path: str, revision: str | None = None) -> Any:
+    """The model's config, with a clear error for unknown names, gated or offline models."""
+    from transformers import AutoConfig
+
     try:
-        config = AutoConfig.from_pretrained(path, revision=revision)
+        return AutoConfig.from_pretrained(path, revision=revision)
     except (OSError, ValueError) as e:
         raise ModelLoadError(
             f"could not load model {model_id!r}: {str(e).splitlines()[0]}\nFix: check the name (no local directory "
             f"of that name exists either), log in with `hf auth login` for gated models, pre-download it (HF_HOME "
             f"cache) when offline, or pass a local directory. The embedded offline model is `smollm2-135m`.") from e
+
+
+def base_model_of(model_id: str, path: str, base: str) -> str:
+    """What to record as the base model: the Hub id, or the absolute local folder (pruning.json is read from
+    other directories later); a pruned checkpoint credits its own base."""
+    if Path(path).is_dir() and not is_embedded(model_id):
+        base = str(Path(path).resolve())
+        if (Path(path) / "pruning.json").exists():
+            base = _base_of_checkpoint(path)
+    return str(base)
+
+
+def load(model_id: str, device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = "auto",
+         revision: str | None = None, device_map: str | dict | None = None) -> Loaded:
+    """Load a causal LM (Hub id, local directory, or an embedded name such as `smollm2-135m`) + tokenizer.
+
+    The architecture and the weight files are checked before any weight is read, so unsupported,
+    missing or truncated models fail at once with a message that names the fix.
+    `device_map="auto"` spreads the model over the GPUs (and CPU) with accelerate instead of `device`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    dev = resolve_device(device)
+    path, base = resolve_source(model_id, revision)
+    config = load_config(model_id, path, revision)
     family = family_for(config)
+    dt = resolve_dtype(dtype, dev, config)
     if Path(path).is_dir():
         check_weights(Path(path), model_id)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dt)
+        if device_map is None:
+            model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dt)
+            model.to(dev)
+        else:  # accelerate places the layers; inputs go to the first device, hooks move activations on
+            model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dt, device_map=device_map)
     except OSError as e:
         raise ModelLoadError(f"could not read the weights of {model_id!r}: {str(e).splitlines()[0]}") from e
-    model.to(dev).eval()
+    model.eval()
     tokenizer = load_tokenizer(path, revision, model_id)
     check_vocab(model.config, tokenizer, model_id)
-    if Path(path).is_dir() and not is_embedded(model_id):
-        base = str(Path(path).resolve())  # absolute: pruning.json is read from other directories later
-        if (Path(path) / "pruning.json").exists():
-            base = _base_of_checkpoint(path)
     return Loaded(model=model, tokenizer=tokenizer, family=family, model_id=model_id, path=str(path),
-                  base_model=str(base), revision=revision, identity=_identity(model_id, path, revision, config))
+                  base_model=base_model_of(model_id, path, base), revision=revision,
+                  identity=identity_for(model_id, path, revision, config))
 
 
 def looks_local(name: str) -> bool:
@@ -223,7 +258,7 @@ def check_vocab(config: Any, tokenizer: Any, model_id: str) -> None:
                     "them cannot be embedded", model_id, vocab, ", ".join(extra[:5]))
 
 
-def _identity(model_id: str, path: str, revision: str | None, config: Any) -> dict[str, Any] | None:
+def identity_for(model_id: str, path: str, revision: str | None, config: Any) -> dict[str, Any] | None:
     """Where the model came from and a cheap fingerprint of its files (see identity.py)."""
     try:
         if Path(path).is_dir():
@@ -249,5 +284,6 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() de-duplicates tied weights
 
 
-__all__ = ["DTYPES", "Loaded", "ModelLoadError", "check_model_dir", "count_params", "load", "locate", "looks_local",
-           "resolve_device", "resolve_dtype", "safetensors_problem"]
+__all__ = ["DTYPES", "Loaded", "ModelLoadError", "base_model_of", "check_model_dir", "checkpoint_dtype", "count_params",
+           "identity_for", "load", "load_config", "load_tokenizer", "locate", "looks_local", "resolve_device",
+           "resolve_dtype", "resolve_source", "safetensors_problem"]

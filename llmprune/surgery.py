@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from .families import Family, family_for
 from .families.base import BlockView, FusedRows, Geometry, Projection
-from .plan import AttnPlan, MlpPlan, Plan, attn_kept_channels, removed_indices
+from .plan import AttnPlan, LayerPlan, MlpPlan, Plan, attn_kept_channels, removed_indices
 
 
 # ---- apply -----------------------------------------------------------------------------------------
@@ -34,21 +34,28 @@ def apply(model: nn.Module, plan: Plan, family: Family | None = None) -> nn.Modu
     state = dict(model.state_dict(keep_vars=False))
     after = plan.geometry_after()
     for i, (g, lp) in enumerate(zip(plan.geometry, plan.layers)):
-        block = family.block(model, i)
-        if block.attn is not None:
-            if lp.attn.drop:
-                _forget(state, names, [block.attn.module, *block.attn.norms()])
-            elif not lp.attn.is_identity() or lp.attn.compensate is not None:
-                _slice_attention(state, names, block, g, lp.attn)
-        if block.mlp is not None:
-            if lp.mlp.drop:
-                _forget(state, names, [block.mlp.module, *block.mlp.norms()])
-            elif not lp.mlp.is_identity() or lp.mlp.compensate is not None:
-                _slice_mlp(state, names, block, g, lp.mlp)
+        slice_block(state, names, family.block(model, i), g, lp)
     kept = plan.kept_layers()
     state = _renumber(state, model, family, kept)
     config = family.target_config(model, [after[i] for i in kept], kept)
     return _materialize(model, config, state)
+
+
+def slice_block(state: dict[str, torch.Tensor], names: dict[int, str], block: BlockView, g: Geometry,
+                lp: LayerPlan) -> None:
+    """Edit `state` (tensor name -> tensor) as the layer plan `lp` says for one block: sliced q/k/v/gate/up
+    rows and o/down columns, compensation biases, removed sublayers' tensors dropped. `names` maps
+    id(parameter) -> its name in `state`. Used for the whole model (`apply`) and block by block (stream.py)."""
+    if block.attn is not None:
+        if lp.attn.drop:
+            _forget(state, names, [block.attn.module, *block.attn.norms()])
+        elif not lp.attn.is_identity() or lp.attn.compensate is not None:
+            _slice_attention(state, names, block, g, lp.attn)
+    if block.mlp is not None:
+        if lp.mlp.drop:
+            _forget(state, names, [block.mlp.module, *block.mlp.norms()])
+        elif not lp.mlp.is_identity() or lp.mlp.compensate is not None:
+            _slice_mlp(state, names, block, g, lp.mlp)
 
 
 def _name(names: dict[int, str], p: torch.Tensor) -> str:

@@ -3,6 +3,7 @@ run, never show a traceback for a user error; exit codes 2 (usage), 1 (run failu
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -311,8 +312,9 @@ def no_calibration(monkeypatch):
 
 @pytest.mark.parametrize("family_name", ["llama"])
 @pytest.mark.parametrize("damage, message", [
-    ("truncate", "is corrupt or truncated"),
-    ("garbage", "is corrupt or truncated"),
+    # the --stream auto probe (shards.py) or the loader (loading.py) names the file, whichever reads it first
+    ("truncate", r"model\.safetensors.*(corrupt|truncated)"),
+    ("garbage", r"model\.safetensors.*(corrupt|truncated|not a safetensors)"),
     ("no_weights", "no weight files"),
     ("no_tokenizer", "no tokenizer files"),
     ("big_tokenizer", "has 400 tokens but the model's vocab_size is 320"),
@@ -338,7 +340,7 @@ def test_broken_model_dirs(tmp_path, model_dir, capsys, no_calibration, damage, 
     out = tmp_path / "o"
     rc = cli("prune", "--model", model_dir, "--recipe", "flap", "--sparsity", "0.2", "--seqlen", "32", "-o", out, "-q")
     err = capsys.readouterr().err
-    assert rc == 2 and message in err, err
+    assert rc == 2 and re.search(message, err), err
     _no_traceback(err)
     assert not out.exists()
 

@@ -6,17 +6,36 @@ and passes the hidden states straight through, so one cheap forward captures blo
 every layer's own kwargs (layers of different types — full vs sliding attention — get their own
 masks). Then `run(i)` executes block i on the current hidden states, micro-batch by micro-batch.
 Peak memory is one block plus the activations; with `offload=True` the blocks live on the CPU
-and visit the compute device one at a time.
+and visit the compute device one at a time; with a `loader` (stream.py) the model is a skeleton on
+the meta device and the loader reads each block's weights from disk only while it runs.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ContextManager, Protocol
 
 import torch
 from torch import nn
 
 from ..families import Family
+
+
+class BlockLoader(Protocol):
+    """Makes weights real on the compute device only while they are needed (stream.StreamLoader)."""
+
+    def block(self, index: int) -> ContextManager[None]:
+        """Block `index`'s weights are on the compute device while active (re-entrant)."""
+        ...
+
+    def rest(self, head: bool = True) -> ContextManager[None]:
+        """The weights outside the decoder blocks (embeddings; with `head` also final norm and LM head)."""
+        ...
+
+
+def on_device(loader: BlockLoader | None, index: int) -> ContextManager[None]:
+    """`loader.block(index)`, or nothing to do when the model is in memory."""
+    return loader.block(index) if loader is not None else contextlib.nullcontext()
 
 
 class _StopForward(Exception):
@@ -43,11 +62,14 @@ class BlockWalker:
     """
 
     def __init__(self, model: nn.Module, family: Family, tokens: torch.Tensor, batch_size: int = 8,
-                 device: torch.device | str | None = None, offload: bool = False):
+                 device: torch.device | str | None = None, offload: bool = False, loader: BlockLoader | None = None):
         if tokens.ndim != 2:
             raise ValueError(f"calibration tokens must be [nsamples, seqlen], got shape {tuple(tokens.shape)}")
-        self.model, self.family, self.offload = model, family, offload
+        self.model, self.family, self.loader = model, family, loader
+        self.offload = offload and loader is None  # a loader already brings one block at a time
         self.layers = family.layers(model)
+        if device is None and loader is not None:
+            raise ValueError("streaming needs an explicit compute device")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.store = torch.device("cpu") if offload else self.device
         self.batches = list(tokens.split(max(1, batch_size)))
@@ -78,11 +100,12 @@ class BlockWalker:
         if self.offload:
             self.model.to(self.device)
         try:
-            for batch in self.batches:
-                try:
-                    self.model(input_ids=batch.to(self.device), use_cache=False)
-                except _StopForward:
-                    pass
+            with self.loader.rest(head=False) if self.loader is not None else contextlib.nullcontext():
+                for batch in self.batches:
+                    try:
+                        self.model(input_ids=batch.to(self.device), use_cache=False)
+                    except _StopForward:
+                        pass
         finally:
             if self.offload:
                 self.model.to(home)
@@ -91,8 +114,13 @@ class BlockWalker:
 
     # ---- running blocks ---------------------------------------------------------------------------
     @torch.no_grad()
-    def run(self, i: int, hidden: list[torch.Tensor] | None = None, layer: nn.Module | None = None) -> list[torch.Tensor]:
-        """Run block `i` (or a stand-in `layer`) on `hidden` (default: the current inputs); return its outputs."""
+    def run(self, i: int, hidden: list[torch.Tensor] | None = None, layer: nn.Module | None = None,
+            keep: bool = True, in_place: bool = False) -> list[torch.Tensor]:
+        """Run block `i` (or a stand-in `layer`) on `hidden` (default: the current inputs); return its outputs.
+
+        keep=False: outputs are dropped (a statistics-only pass). in_place=True: each micro-batch's output
+        replaces its input at once, so a pass holds one copy of the activations, not two (`advance_through`).
+        """
         layer = self.layers[i] if layer is None else layer
         hidden = self.hidden if hidden is None else hidden
         home = None
@@ -101,10 +129,15 @@ class BlockWalker:
             layer.to(self.device)
         outs = []
         try:
-            for h, (args, kwargs) in zip(hidden, self.layer_args[i]):
-                out = layer(h.to(self.device), *args, **kwargs)
-                out = out[0] if isinstance(out, tuple) else out
-                outs.append(out.to(self.store))
+            with on_device(self.loader, i) if layer is self.layers[i] else contextlib.nullcontext():
+                for j, (h, (args, kwargs)) in enumerate(zip(hidden, self.layer_args[i])):
+                    out = layer(h.to(self.device), *args, **kwargs)
+                    out = out[0] if isinstance(out, tuple) else out
+                    if in_place:
+                        del h
+                        hidden[j] = out.to(self.store)
+                    elif keep:
+                        outs.append(out.to(self.store))
         finally:
             if home is not None:
                 layer.to(home)
@@ -114,11 +147,18 @@ class BlockWalker:
         """The given block outputs become the inputs of the next block."""
         self.hidden = outputs
 
+    def advance_through(self, i: int) -> None:
+        """Run block `i` on the current inputs and make its outputs the next inputs, micro-batch by micro-batch
+        (the same numbers as `advance(run(i))`, with one copy of the activations instead of two)."""
+        self.hidden = list(self.hidden)  # a caller may still hold the old list
+        self.run(i, self.hidden, in_place=True)
+
     @torch.no_grad()
     def logits(self, hidden: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Final norm + LM head (+ logit soft-capping) on the given last-block outputs: list of [b, T, vocab]."""
         hidden = self.hidden if hidden is None else hidden
         norm, head = self.family.final_norm(self.model), self.family.lm_head(self.model)
         cap = self.family.logit_softcap(self.model.config)  # Gemma 2: logits = c·tanh(head(x)/c)
-        out = [head(norm(h.to(self.device))) for h in hidden]
+        with self.loader.rest() if self.loader is not None else contextlib.nullcontext():
+            out = [head(norm(h.to(self.device))) for h in hidden]
         return out if cap is None else [cap * torch.tanh(z / cap) for z in out]

@@ -46,6 +46,7 @@ class EvalRequest:
     baseline: str | None = None
     use_cache: bool = True
     cached_baseline_only: bool = False  # fill baseline numbers from the report's cache, never load the baseline
+    device_map: str | None = None  # "auto": the baseline is spread over the GPUs too (accelerate)
 
 
 @dataclass
@@ -221,7 +222,7 @@ def evaluate_baseline(req: EvalRequest, pruned: PrunedResults, device: torch.dev
         log.info("baseline %s: %d result(s) reused from the report's cache", req.baseline, len(found))
     if not missing or req.cached_baseline_only:
         return found
-    base = load(req.baseline, device=device, dtype=dtype)
+    base = load(req.baseline, device=device, dtype=dtype, device_map=req.device_map)
     todo_tasks = [v[1] for v in missing.values() if v[0] == "task"]
     task_scores = run_tasks(base.model, base.tokenizer, todo_tasks, batch_size=req.batch_size,
                             include_paths=req.include_paths, task_manager_=pruned.task_manager) if todo_tasks else {}

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any, ContextManager
 
 import torch
 from torch import nn
 
+from ..calibrate.walker import BlockLoader, on_device
 from ..families import Family
 from ..families.base import Geometry
 
@@ -25,6 +27,13 @@ class PruneContext:
     seed: int = 0
     progress: bool = True
     extras: dict = field(default_factory=dict)
+    # Streaming (stream.py): `model` is a skeleton on the meta device and this loader reads a block's
+    # weights from disk while it is needed. Pruners touch block weights only inside `on_device(i)`.
+    loader: BlockLoader | None = None
+
+    def on_device(self, index: int) -> ContextManager[Any]:
+        """Block `index`'s weights are real while active (always, for an in-memory model)."""
+        return on_device(self.loader, index)
 
     @cached_property
     def geometry(self) -> list[Geometry]:

@@ -98,7 +98,8 @@ def signal_sites(opts: WidthOptions) -> set[str]:
 def collect(ctx: PruneContext, sites: set[str]) -> Stats:
     """Dense statistics of the model at `sites` of every layer (one block-by-block pass)."""
     return calibrate(ctx.model, ctx.require_tokens(), sites=sorted(sites), family=ctx.family,
-                     batch_size=ctx.batch_size, device=ctx.device, offload=ctx.offload, progress=ctx.progress)
+                     batch_size=ctx.batch_size, device=ctx.device, offload=ctx.offload, progress=ctx.progress,
+                     loader=ctx.loader)
 
 
 def block_importance(stats: Stats, n_layers: int, metric: str = "angular") -> list[float]:
@@ -112,16 +113,20 @@ def layer_outlier_ratios(ctx: PruneContext, stats: Stats, m: float) -> list[floa
     """OWL's outlier ratio of every layer, over all its linear weights times their input norms."""
     out = []
     for i in range(len(ctx.geometry)):
-        b = ctx.family.block(ctx.model, i)
-        pairs = []
-        if b.attn is not None:
-            a_in, o_in = stats[site_name(i, "attn.in")].l2(), stats[site_name(i, "attn.o_in")].l2()
-            pairs += [(b.attn.q.weight, a_in), (b.attn.k.weight, a_in), (b.attn.v.weight, a_in), (b.attn.o.weight, o_in)]
-        if b.mlp is not None:
-            m_in, d_in = stats[site_name(i, "mlp.in")].l2(), stats[site_name(i, "mlp.down_in")].l2()
-            pairs += [(lin.weight, m_in) for lin in b.mlp.inputs] + [(b.mlp.down.weight, d_in)]
-        out.append(outlier_ratio([(w, a.to(w.device)) for w, a in pairs], m) if pairs else 0.0)
+        with ctx.on_device(i):
+            out.append(_outlier_ratio(ctx.family.block(ctx.model, i), stats, m))
     return out
+
+
+def _outlier_ratio(b: BlockView, stats: Stats, m: float) -> float:
+    i, pairs = b.index, []
+    if b.attn is not None:
+        a_in, o_in = stats[site_name(i, "attn.in")].l2(), stats[site_name(i, "attn.o_in")].l2()
+        pairs += [(b.attn.q.weight, a_in), (b.attn.k.weight, a_in), (b.attn.v.weight, a_in), (b.attn.o.weight, o_in)]
+    if b.mlp is not None:
+        m_in, d_in = stats[site_name(i, "mlp.in")].l2(), stats[site_name(i, "mlp.down_in")].l2()
+        pairs += [(lin.weight, m_in) for lin in b.mlp.inputs] + [(b.mlp.down.weight, d_in)]
+    return outlier_ratio([(w, a.to(w.device)) for w, a in pairs], m) if pairs else 0.0
 
 
 def allocate(ctx: PruneContext, units: list[LayerUnits], opts: WidthOptions, stats: Stats | None,
@@ -147,8 +152,30 @@ def allocate(ctx: PruneContext, units: list[LayerUnits], opts: WidthOptions, sta
 # ---- the pipeline ----------------------------------------------------------------------------------
 def _units(ctx: PruneContext, opts: WidthOptions, score: ScoreFn, stats: Stats | None, i: int) -> LayerUnits:
     g = ctx.geometry[i]
-    attn, mlp = score(ctx.family.block(ctx.model, i), g, stats, i)
+    with ctx.on_device(i):
+        attn, mlp = score(ctx.family.block(ctx.model, i), g, stats, i)
     return LayerUnits(g, attn=attn if opts.attention else None, mlp=mlp if opts.mlp else None)
+
+
+@torch.no_grad()
+def _dense_units(ctx: PruneContext, opts: WidthOptions, score: ScoreFn, sites: set[str]) \
+        -> tuple[Stats | None, list[LayerUnits]]:
+    """Dense statistics at `sites` and every layer's unit scores, in one block-by-block pass: layer i is
+    scored as soon as its statistics are complete, while its weights are still on the device (a
+    streamed model is read from disk once for both)."""
+    n = len(ctx.geometry)
+    if not sites:
+        return None, [_units(ctx, opts, score, None, i) for i in range(n)]
+    walker = BlockWalker(ctx.model, ctx.family, ctx.require_tokens(), batch_size=ctx.batch_size, device=ctx.device,
+                         offload=ctx.offload, loader=ctx.loader)
+    stats = Stats(n_tokens=walker.n_tokens)
+    units = []
+    for i in tqdm(range(n), desc="calibrating", unit="layer", disable=not ctx.progress):
+        with ctx.on_device(i):
+            with record(site_modules(ctx.family.block(ctx.model, i), sorted(sites)), stats):
+                walker.advance_through(i)
+            units.append(_units(ctx, opts, score, stats, i))
+    return stats, units
 
 
 def plan_width(ctx: PruneContext, opts: WidthOptions, score: ScoreFn, score_sites: tuple[str, ...], method: str,
@@ -160,10 +187,9 @@ def plan_width(ctx: PruneContext, opts: WidthOptions, score: ScoreFn, score_site
     own = set(score_sites) | (set(MEAN_SITES) if opts.compensate else set())
     sites = own | signal_sites(opts)
     sequential = bool(getattr(opts, "sequential", False))
-    n = len(ctx.geometry)
     if not sequential:
-        stats = collect(ctx, sites) if sites else None
-        keeps = run_allocation([_units(ctx, opts, score, stats, i) for i in range(n)], stats)
+        stats, units = _dense_units(ctx, opts, score, sites)
+        keeps = run_allocation(units, stats)
         return plan_from_keeps(ctx.geometry, keeps, method, stats=stats, compensate=opts.compensate)
     if allocator is None and opts.allocation == "uniform":  # sizes follow from the geometry alone
         blank = [LayerUnits(g, attn=torch.zeros(g.n_q_heads * g.head_dim) if opts.attention and g.has_attn else None,
@@ -171,8 +197,8 @@ def plan_width(ctx: PruneContext, opts: WidthOptions, score: ScoreFn, score_site
                  for g in ctx.geometry]
         sizes = run_allocation(blank, None)
     else:  # sizes from a dense pass, as the non-sequential pruner would choose them
-        dense = collect(ctx, sites)
-        sizes = run_allocation([_units(ctx, opts, score, dense, i) for i in range(n)], dense)
+        dense, units = _dense_units(ctx, opts, score, sites)
+        sizes = run_allocation(units, dense)
     return _sequential(ctx, opts, score, own, sizes, method)
 
 
@@ -186,16 +212,17 @@ def _sequential(ctx: PruneContext, opts: WidthOptions, score: ScoreFn, sites: se
     simulated (masking, no weight edits) produces the next layer's inputs.
     """
     walker = BlockWalker(ctx.model, ctx.family, ctx.require_tokens(), batch_size=ctx.batch_size, device=ctx.device,
-                         offload=ctx.offload)
+                         offload=ctx.offload, loader=ctx.loader)
     stats = Stats(n_tokens=walker.n_tokens)
     n = len(ctx.geometry)
     keeps = [LayerKeep() for _ in range(n)]
     for i in tqdm(range(n), desc="pruning layers", unit="layer", disable=not ctx.progress):
-        with record(site_modules(ctx.family.block(ctx.model, i), sites), stats):
-            walker.run(i)
-        keeps[i] = keep_shape(_units(ctx, opts, score, stats, i), *shape_of(sizes[i], ctx.geometry[i]))
-        only_this = [keeps[i] if j == i else LayerKeep() for j in range(n)]
-        layer_plan = plan_from_keeps(ctx.geometry, only_this, method, stats=stats, compensate=opts.compensate)
-        with simulate(ctx.model, layer_plan, ctx.family):
-            walker.advance(walker.run(i))
+        with ctx.on_device(i):  # one read of a streamed block serves all four steps
+            with record(site_modules(ctx.family.block(ctx.model, i), sites), stats):
+                walker.run(i, keep=False)  # statistics only
+            keeps[i] = keep_shape(_units(ctx, opts, score, stats, i), *shape_of(sizes[i], ctx.geometry[i]))
+            only_this = [keeps[i] if j == i else LayerKeep() for j in range(n)]
+            layer_plan = plan_from_keeps(ctx.geometry, only_this, method, stats=stats, compensate=opts.compensate)
+            with simulate(ctx.model, layer_plan, ctx.family):
+                walker.advance_through(i)
     return plan_from_keeps(ctx.geometry, keeps, method, stats=stats, compensate=opts.compensate)
