@@ -1,8 +1,9 @@
 """The only code that edits weights: apply a Plan, or simulate it without editing anything.
 
 `apply` slices the base tensors (q/k/v/gate/up rows, o/down columns), adds FLAP-style bias
-compensation, drops removed sublayers' tensors, renumbers fully removed blocks away, and loads the
-result into the target architecture (the stock class when the result is uniform, `llmprune_llama`
+compensation, puts the plan's reconstructed o_proj / down_proj weights and biases (`plan.tensors`,
+least squares / OBS) in place of the sliced ones, drops removed sublayers' tensors, renumbers fully
+removed blocks away, and loads the result into the target architecture (the stock class when the result is uniform, `llmprune_llama`
 otherwise). Unchanged tensors are shared with the input model, not copied.
 """
 from __future__ import annotations
@@ -29,6 +30,9 @@ def apply(model: nn.Module, plan: Plan, family: Family | None = None) -> nn.Modu
     """Return the pruned model described by `plan`. The input model is left unchanged."""
     family = family or family_for(model.config)
     plan.validate(family.geometry(model))
+    if plan.missing_tensors():
+        raise ValueError(f"the plan lists reconstructed tensors it does not hold ({plan.missing_tensors()[:3]}...): "
+                         "keep plan.safetensors beside the plan JSON (llmprune plan writes both)")
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     state = dict(model.state_dict(keep_vars=False))
     after = plan.geometry_after()
@@ -39,11 +43,13 @@ def apply(model: nn.Module, plan: Plan, family: Family | None = None) -> nn.Modu
                 _forget(state, names, [block.attn.module, block.attn.norm])
             elif not lp.attn.is_identity() or lp.attn.compensate is not None:
                 _slice_attention(state, names, block, g, lp.attn)
+                _adopt(state, names, block.attn.o, plan.tensors, f"L{i}.attn.o")
         if block.mlp is not None:
             if lp.mlp.drop:
                 _forget(state, names, [block.mlp.module, block.mlp.norm])
             elif not lp.mlp.is_identity() or lp.mlp.compensate is not None:
                 _slice_mlp(state, names, block, g, lp.mlp)
+                _adopt(state, names, block.mlp.down, plan.tensors, f"L{i}.mlp.down")
     kept = plan.kept_layers()
     state = _renumber(state, model, family, kept)
     config = family.target_config(model, [after[i] for i in kept], kept)
@@ -72,6 +78,15 @@ def _compensation(linear: nn.Linear, removed: list[int], means: list[float]) -> 
     if linear.bias is not None:
         bias = bias + linear.bias.double()
     return bias.to(w.dtype)
+
+
+def _adopt(state: dict, names: dict, linear: nn.Linear, tensors: dict[str, torch.Tensor], key: str) -> None:
+    """Replace a sliced linear's weight / bias by the plan's reconstructed ones (cast to the model's dtype)."""
+    w = linear.weight
+    if f"{key}.weight" in tensors:
+        state[_name(names, w)] = tensors[f"{key}.weight"].to(device=w.device, dtype=w.dtype).contiguous()
+    if f"{key}.bias" in tensors:
+        state[_bias_name(names, linear)] = tensors[f"{key}.bias"].to(device=w.device, dtype=w.dtype).contiguous()
 
 
 def _slice_attention(state: dict, names: dict, block: BlockView, g: Geometry, a: AttnPlan) -> None:
@@ -152,7 +167,9 @@ def simulate(model: nn.Module, plan: Plan, family: Family | None = None) -> Iter
 
     Dropped sublayers return zeros (and are not computed); removed input channels of o_proj /
     down_proj are zeroed, or set to their calibration mean when the plan compensates — which is
-    exactly what the compensation bias stands for. Meant for full-sequence scoring: a dropped
+    exactly what the compensation bias stands for. Where the plan carries reconstructed weights,
+    o_proj / down_proj compute with them on their kept inputs instead (a forward override, the
+    module's own tensors untouched). Meant for full-sequence scoring: a dropped
     attention sublayer writes nothing into a KV cache.
     """
     family = family or family_for(model.config)
@@ -164,12 +181,16 @@ def simulate(model: nn.Module, plan: Plan, family: Family | None = None) -> Iter
             if block.attn is not None:
                 if lp.attn.drop:
                     undo.append(_silence(block.attn.module, returns_tuple=True))
+                elif f"L{i}.attn.o.weight" in plan.tensors:
+                    undo.append(_refit_forward(block.attn.o, attn_kept_channels(g, lp.attn), plan.tensors, f"L{i}.attn.o"))
                 elif not lp.attn.is_identity():
                     removed = removed_indices(attn_kept_channels(g, lp.attn), g.n_q_heads * g.head_dim)
                     undo.append(_mask_inputs(block.attn.o, removed, lp.attn.compensate))
             if block.mlp is not None:
                 if lp.mlp.drop:
                     undo.append(_silence(block.mlp.module, returns_tuple=False))
+                elif f"L{i}.mlp.down.weight" in plan.tensors:
+                    undo.append(_refit_forward(block.mlp.down, lp.mlp.keep_channels, plan.tensors, f"L{i}.mlp.down"))
                 elif not lp.mlp.is_identity():
                     removed = removed_indices(lp.mlp.keep_channels, g.intermediate)
                     undo.append(_mask_inputs(block.mlp.down, removed, lp.mlp.compensate))
@@ -189,6 +210,25 @@ def _silence(module: nn.Module, returns_tuple: bool) -> Any:
 
     def restore() -> None:
         del module.forward
+
+    return restore
+
+
+def _refit_forward(linear: nn.Linear, kept: list[int], tensors: dict[str, torch.Tensor], key: str) -> Any:
+    """Make `linear` compute y = W'·x[kept] + b' with the plan's reconstructed W' [out, kept], b' [out]."""
+    dev, dt = linear.weight.device, linear.weight.dtype
+    idx = torch.tensor(kept, dtype=torch.long, device=dev)
+    w = tensors[f"{key}.weight"].to(device=dev, dtype=dt)
+    b = tensors.get(f"{key}.bias")
+    b = linear.bias if b is None else b.to(device=dev, dtype=dt)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x.index_select(-1, idx), w, b)
+
+    linear.forward = forward
+
+    def restore() -> None:
+        del linear.forward
 
     return restore
 
