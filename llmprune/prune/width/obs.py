@@ -27,7 +27,7 @@ from ...plan import Plan
 from ..context import PruneContext
 from .allocate import LayerKeep
 from .engine import DataWidthOptions, plan_width
-from .reconstruct import damped_cholesky
+from .reconstruct import damp_scale, damped_cholesky
 
 
 class ObsConfig(DataWidthOptions):
@@ -69,14 +69,16 @@ def _augmented(linear: torch.nn.Linear, device: torch.device) -> torch.Tensor:
 def obs_remove(w: torch.Tensor, h: torch.Tensor, groups: list[list[int]], n_remove: int, per_step: int = 1,
                damp: float = 0.01, what: str = "H") -> tuple[list[int], torch.Tensor]:
     """Greedy structured OBS. w [out, n] (float64, updated copy returned), h [n, n] second moment,
-    `groups`: the removable column groups (columns outside every group, e.g. the bias, stay).
+    `groups`: the removable column groups (columns outside every group, e.g. the bias, stay; the last
+    column is the constant input, excluded from the damping scale).
     Removes `n_remove` groups, `per_step` at a time (single-column groups ranked by their own error;
     larger groups one at a time by the exact group error). Returns (removed group indices, updated w)."""
     w = w.clone()
-    chol, _ = damped_cholesky(h, damp, what)
+    chol, _ = damped_cholesky(h, damp, what, scale=damp_scale(h))
     hinv = torch.cholesky_inverse(chol)  # [n, n]
     alive = list(range(len(groups)))
-    removed: list[int] = []
+    removed: list[int] = []  # in removal order
+    dead: list[int] = []  # columns of removed groups, kept exactly zero
     while len(removed) < n_remove:
         if all(len(groups[a]) == 1 for a in alive):
             cols = torch.tensor([groups[a][0] for a in alive], device=w.device)
@@ -96,21 +98,32 @@ def obs_remove(w: torch.Tensor, h: torch.Tensor, groups: list[list[int]], n_remo
         solve = torch.cholesky_solve(hinv[s], chol_ss) if int(info) == 0 else torch.linalg.pinv(hss) @ hinv[s]
         w -= w[:, s] @ solve  # δW = −W_S [(H⁻¹)_SS]⁻¹ (H⁻¹)_S,:  (zeroes W_S)
         hinv -= hinv[:, s] @ solve  # downdate to the remaining columns
-        w[:, s] = 0.0
+        dead += s.tolist()
+        w[:, dead] = 0.0  # round-off of later updates must not revive removed columns
         if not bool(torch.isfinite(w).all()):
             raise FloatingPointError(f"{what}: OBS update produced non-finite weights; raise damp")
         removed += pick
         alive = [a for a in alive if a not in pick]
-    return sorted(removed), w
+    return removed, w
 
 
 class ObsSelector:
-    """Chooses a layer's units by OBS on the module's second moment (see obs_remove)."""
+    """Chooses a layer's units by OBS on the module's second moment (see obs_remove).
+
+    The greedy removal order is remembered per module and second moment, so the levels of
+    `allocation: search` are nested: a smaller size continues the same removal sequence."""
 
     needs_gram = True
 
     def __init__(self, damp: float, ffn_batch: int):
         self.damp, self.ffn_batch = damp, ffn_batch
+        self._orders: dict[tuple[int, str], tuple[torch.Tensor, list[int]]] = {}
+
+    def _removal(self, key: tuple[int, str], h: torch.Tensor, run: object, n_remove: int) -> list[int]:
+        hit = self._orders.get(key)
+        if hit is None or hit[0] is not h or len(hit[1]) < n_remove:
+            self._orders[key] = (h, run())
+        return self._orders[key][1][:n_remove]
 
     def attn(self, i: int, block: BlockView, g: Geometry, stats: Stats | None, h: torch.Tensor | None,
              shape: tuple[int, int] | None) -> LayerKeep:
@@ -121,8 +134,9 @@ class ObsSelector:
             return LayerKeep(kv_groups=[])
         width = g.group_size * g.head_dim
         groups = [list(range(k * width, (k + 1) * width)) for k in range(g.n_kv_heads)]
-        gone, _ = obs_remove(_augmented(block.attn.o, h.device), h, groups, g.n_kv_heads - n_kv, 1, self.damp,
-                             f"layer {i} o_proj input second moment")
+        gone = self._removal((i, "attn"), h, lambda: obs_remove(
+            _augmented(block.attn.o, h.device), h, groups, g.n_kv_heads - 1, 1, self.damp,
+            f"layer {i} o_proj input second moment")[0], g.n_kv_heads - n_kv)
         return LayerKeep(kv_groups=[k for k in range(g.n_kv_heads) if k not in gone])
 
     def mlp(self, i: int, block: BlockView, g: Geometry, stats: Stats | None, h: torch.Tensor | None,
@@ -132,8 +146,10 @@ class ObsSelector:
         if width == 0:
             return LayerKeep(channels=[])
         groups = [[j] for j in range(g.intermediate)]
-        gone, _ = obs_remove(_augmented(block.mlp.down, h.device), h, groups, g.intermediate - width, self.ffn_batch,
-                             self.damp, f"layer {i} down_proj input second moment")
+        n_remove = g.intermediate - width
+        gone = self._removal((i, "mlp"), h, lambda: obs_remove(
+            _augmented(block.mlp.down, h.device), h, groups, n_remove, self.ffn_batch, self.damp,
+            f"layer {i} down_proj input second moment")[0], n_remove)
         dead = set(gone)
         return LayerKeep(channels=[j for j in range(g.intermediate) if j not in dead])
 

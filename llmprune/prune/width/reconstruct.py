@@ -81,10 +81,16 @@ def record_grams(modules: dict[str, nn.Module], grams: dict[str, Gram]) -> Itera
 
 
 # ---- the refit -------------------------------------------------------------------------------------
-def damped_cholesky(h: torch.Tensor, damp: float, what: str = "H") -> tuple[torch.Tensor, float]:
-    """(Cholesky factor of h + λI, λ) with λ = damp·mean(diag h), escalating damp ×10 until h + λI is
-    positive definite (warning each time); raises ReconstructionError past MAX_DAMP."""
-    scale = float(h.diagonal().mean()) if h.numel() else 1.0
+def damp_scale(h: torch.Tensor) -> float:
+    """mean(diag H) over the real inputs (the augmented H's last entry, the constant 1, excluded)."""
+    return float(h.diagonal()[:-1].mean()) if h.shape[0] > 1 else 1.0
+
+
+def damped_cholesky(h: torch.Tensor, damp: float, what: str = "H", scale: float | None = None) \
+        -> tuple[torch.Tensor, float]:
+    """(Cholesky factor of h + λI, λ) with λ = damp·scale (default mean(diag h)), escalating damp ×10
+    until h + λI is positive definite (warning each time); raises ReconstructionError past MAX_DAMP."""
+    scale = (float(h.diagonal().mean()) if h.numel() else 1.0) if scale is None else scale
     scale = scale if scale > 0 and scale == scale else 1.0
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     d = damp
@@ -124,7 +130,7 @@ def refit(weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor, kept
     if r.numel():
         hkk = h.index_select(0, k).index_select(1, k)
         hrk = h.index_select(0, r).index_select(1, k)  # [|R|, |K̃|]
-        chol, _ = damped_cholesky(hkk, damp, what)
+        chol, _ = damped_cholesky(hkk, damp, what, scale=damp_scale(h))
         rhs = (wt.index_select(1, r) @ hrk).T  # [|K̃|, out]: (W_R H_RK̃)ᵀ
         out = out + torch.cholesky_solve(rhs, chol).T
     if not bool(torch.isfinite(out).all()):
@@ -138,12 +144,12 @@ def output_error(weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tenso
     """E‖(W x + b) − (W' x_K + b')‖² from the second moment alone (float64)."""
     n_in = weight.shape[1]
     full = torch.zeros(weight.shape[0], n_in + 1, dtype=torch.float64, device=h.device)
-    full[:, :n_in] = weight.double().to(h.device)
+    full[:, :n_in] = weight.detach().double().to(h.device)
     if bias is not None:
-        full[:, n_in] = bias.double().to(h.device)
-    full[:, torch.tensor(kept, dtype=torch.long, device=h.device)] -= new_w.double().to(h.device)
+        full[:, n_in] = bias.detach().double().to(h.device)
+    full[:, torch.tensor(kept, dtype=torch.long, device=h.device)] -= new_w.detach().double().to(h.device)
     if new_b is not None:
-        full[:, n_in] -= new_b.double().to(h.device)
+        full[:, n_in] -= new_b.detach().double().to(h.device)
     return float(torch.einsum("oi,ij,oj->", full, h, full))
 
 
