@@ -152,6 +152,10 @@ def test_reconstruction_lowers_the_output_error_and_apply_equals_simulate(method
     dense = model(tokens).logits
     plan = api.make_plan(model, load_recipe(method, {**base, **overrides}), calib, progress=False)
     assert plan.tensors and abs(plan.sparsity() - 0.4) < 0.01
+    for i, lp in enumerate(plan.layers):  # the FFN refit saw the removed channels (not masked to zero)
+        if lp.mlp.keep_channels is not None:
+            down = fam.block(model, i).mlp.down.weight[:, lp.mlp.keep_channels]
+            assert (plan.tensors[f"L{i}.mlp.down.weight"] - down).abs().max() > 1e-4
     pruned = surgery.apply(model, plan, fam)
     with surgery.simulate(model, plan, fam):
         sim = model(tokens).logits

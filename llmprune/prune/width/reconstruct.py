@@ -223,6 +223,7 @@ def walk_layers(ctx: PruneContext, choose_attn: Choose, choose_mlp: Choose, site
             walker.run(i)
         h_o = gram_o[f"L{i}.o"].matrix() if gram_o else None
         a_keep = choose_attn(i, block, g, stats, h_o)
+        a_keep = LayerKeep(kv_groups=a_keep.kv_groups, q_heads=a_keep.q_heads)  # the FFN is decided after pass B
         t_attn = layer_tensors(block, g, a_keep, layer_plan(i, a_keep, {}), i, h_o if opts.refit else None, None,
                                opts.damp)
         h_down = None
