@@ -71,6 +71,8 @@ def recon_jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
                     ov = {**allocation_overrides(p, a), **(search if a == "search" else {})}
                     if p != "obs":
                         ov["pruner.reconstruct"] = rc
+                    if args.rows and f"{p}/{rc}/{a}" not in args.rows:
+                        continue
                     jobs.append({"name": f"{p}/{rc}/{a}", "recipe": p, "overrides": ov, "sparsity": s,
                                  "pruner": p, "reconstruct": rc, "allocation": a})
     return jobs
@@ -204,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recon-pruners", nargs="+", default=list(RECON_PRUNERS), choices=list(RECON_PRUNERS))
     ap.add_argument("--recon-modes", nargs="+", default=["none", "ls"], choices=["none", "ls"])
     ap.add_argument("--recon-allocations", nargs="+", default=list(RECON_ALLOCATIONS), choices=list(RECON_ALLOCATIONS))
+    ap.add_argument("--rows", nargs="+", default=None, help="only these table-3 rows, e.g. flap/ls/coarse_to_fine")
+    ap.add_argument("--skip-dense", action="store_true", help="do not measure the dense model")
     ap.add_argument("--search-generations", type=int, default=10)
     ap.add_argument("--search-offspring", type=int, default=8)
     ap.add_argument("--search-population", type=int, default=3)
@@ -221,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {args.model}; calibration {args.calib_data} train {args.nsamples}x{args.seqlen}; "
           f"evaluation {args.eval_data} test {args.eval_windows}x{args.eval_seqlen}; device {args.device} {args.dtype}",
           flush=True)
-    rows = [run_worker({**base, "name": "dense"})]
+    rows = [] if args.skip_dense else [run_worker({**base, "name": "dense"})]
     print(fmt_table(rows[-1:]), flush=True)
     if args.recon:
         done = []
@@ -230,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             done.append(r)
             print(fmt_table([r]).splitlines()[-1], flush=True)
             if args.json:  # written after every row: partial results survive an interrupted run
-                args.json.write_text(json.dumps({"settings": base, "dense": rows[0], "recon": done}, indent=1))
+                args.json.write_text(json.dumps({"settings": base, "dense": rows[0] if rows else None, "recon": done}, indent=1))
         for s in args.sparsities:
             print("\n" + fmt_recon(done, s, args.recon_allocations) + "\n", flush=True)
         return 0
