@@ -226,3 +226,18 @@ def test_search_options_are_checked(tokens):
     model = make_model("llama")
     with pytest.raises(ValueError, match="search.samples"):
         api.make_plan(model, _search_recipe(**{"pruner.search.samples": 99}), tokens, progress=False)
+
+
+def test_checkpoint_round_trip_with_refit_biases(tmp_path, tokens, tiny_tokenizer):
+    """Refit biases make o_proj / down_proj gain a bias (non-uniform config); save -> load is exact."""
+    from llmprune.checkpoint import load_pruned, save_pruned
+
+    model = make_model("llama")
+    plan = api.make_plan(model, load_recipe("obs", {"sparsity": 0.3, "pruner.allocation": "coarse_to_fine"}),
+                         tokens, progress=False)
+    pruned = surgery.apply(model, plan)
+    assert any(g.o_bias or g.down_bias for g in plan.geometry_after())
+    out = save_pruned(pruned, tiny_tokenizer, tmp_path / "ck", plan)
+    back, _ = load_pruned(out)
+    torch.testing.assert_close(back(tokens).logits, pruned(tokens).logits)
+    assert "tensors" in Plan.load(out).to_dict()
