@@ -27,7 +27,7 @@ from ...plan import Plan
 from ..context import PruneContext
 from .allocate import LayerKeep
 from .engine import DataWidthOptions, plan_width
-from .reconstruct import damp_scale, damped_cholesky
+from .reconstruct import ReconstructionError, damp_scale, damped_cholesky
 
 
 class ObsConfig(DataWidthOptions):
@@ -101,7 +101,7 @@ def obs_remove(w: torch.Tensor, h: torch.Tensor, groups: list[list[int]], n_remo
         dead += s.tolist()
         w[:, dead] = 0.0  # round-off of later updates must not revive removed columns
         if not bool(torch.isfinite(w).all()):
-            raise FloatingPointError(f"{what}: OBS update produced non-finite weights; raise damp")
+            raise ReconstructionError(f"{what}: the OBS update produced non-finite weights; raise pruner.damp")
         removed += pick
         alive = [a for a in alive if a not in pick]
     return removed, w
