@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 from .modeling import register as _register
 
-_register()  # `llmprune_llama` checkpoints load through the Auto classes without trust_remote_code
+_register()  # `llmprune_*` checkpoints load through the Auto classes without trust_remote_code
 
 from .api import Loaded, calibration_tokens, eval_perplexity, load, make_plan, prune, run, run_bench, run_eval  # noqa: E402,E501
 from .calibrate import Stats, calibrate  # noqa: E402

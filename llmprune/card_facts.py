@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .modeling import is_pruned_model_type
 from .plan import Plan
 
-CUSTOM_MODEL_TYPE = "llmprune_llama"
 
 
 @dataclass
@@ -45,7 +45,7 @@ class CardFacts:
 
     @property
     def custom_code(self) -> bool:
-        return self.config.get("model_type") == CUSTOM_MODEL_TYPE
+        return is_pruned_model_type(self.config.get("model_type"))  # llmprune_<family>: non-uniform
 
     @property
     def model_name(self) -> str:

@@ -2,8 +2,9 @@
 
 A checkpoint is an ordinary HF folder: safetensors weights with the base model's tensor names
 (removed sublayers have no tensors), tokenizer and generation config, `config.json`, and
-`pruning.json` (Plan + provenance + results). Uniform results carry the stock config of the base
-architecture; non-uniform ones `model_type: llmprune_llama` plus `auto_map` to the
+`pruning.json` (Plan + provenance + parameter counts), written once at save time and never
+rewritten: evaluation results live in `report.json` (llmprune.evaluate.report). Uniform results carry the stock config of the base
+architecture; non-uniform ones `model_type: llmprune_<family>` plus `auto_map` to the
 configuration/modeling files saved beside the weights, so they load with
 `trust_remote_code=True` where llmprune is not installed.
 
@@ -25,7 +26,7 @@ import yaml
 from torch import nn
 
 from . import __version__
-from .modeling import REMOTE_CODE_FILES, LlmpruneLlamaConfig, LlmpruneLlamaForCausalLM, LlmpruneLlamaModel, register
+from .modeling import MODEL_CLASSES, REMOTE_CODE_FILES, is_pruned_model_type, register
 from .plan import Plan
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def save_pruned(model: nn.Module, tokenizer: Any, out: str | Path, plan: Plan, i
                 overwrite: bool = False, verify: bool = True) -> Path:
     """Write the pruned model to `out` atomically and return its path.
 
-    info: JSON-able provenance and results merged into pruning.json (keys: provenance, params, results).
+    info: JSON-able facts merged into pruning.json (keys: provenance, params, timings).
     """
     out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -104,20 +105,23 @@ def _pruner_artifacts(plan: Plan, directory: Path) -> list[str]:
 def _mark_remote_code(model: nn.Module) -> None:
     # Registering the classes for auto classes makes save_pretrained copy the two code files and
     # write `auto_map` into config.json.
-    if isinstance(model.config, LlmpruneLlamaConfig):
-        LlmpruneLlamaConfig.register_for_auto_class("AutoConfig")
-        LlmpruneLlamaModel.register_for_auto_class("AutoModel")
-        LlmpruneLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    classes = MODEL_CLASSES.get(type(model.config))
+    if classes is not None:
+        type(model.config).register_for_auto_class("AutoConfig")
+        classes[0].register_for_auto_class("AutoModel")
+        classes[1].register_for_auto_class("AutoModelForCausalLM")
 
 
 def _finish_config(path: Path, model: nn.Module) -> None:
     cfg_path = path / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    if cfg.get("model_type") == "llmprune_llama":
+    if is_pruned_model_type(cfg.get("model_type")):
+        config_cls = type(model.config)
+        model_cls, causal_cls = MODEL_CLASSES[config_cls]
         amap = cfg.setdefault("auto_map", {})
-        amap.setdefault("AutoConfig", "configuration_llmprune.LlmpruneLlamaConfig")
-        amap.setdefault("AutoModel", "modeling_llmprune.LlmpruneLlamaModel")
-        amap.setdefault("AutoModelForCausalLM", "modeling_llmprune.LlmpruneLlamaForCausalLM")
+        amap.setdefault("AutoConfig", f"configuration_llmprune.{config_cls.__name__}")
+        amap.setdefault("AutoModel", f"modeling_llmprune.{model_cls.__name__}")
+        amap.setdefault("AutoModelForCausalLM", f"modeling_llmprune.{causal_cls.__name__}")
         missing = [f for f in REMOTE_CODE_FILES if not (path / f).exists()]
         if missing:
             raise CheckpointError(f"remote code files were not written: {missing}")
@@ -159,23 +163,6 @@ def load_pruned(path: str | Path, device: str | torch.device | None = None, dtyp
     model.eval()
     tok = AutoTokenizer.from_pretrained(path) if with_tokenizer else None
     return model, tok
-
-
-def read_pruning_info(path: str | Path) -> dict[str, Any]:
-    p = Path(path) / PRUNING_FILE
-    if not p.exists():
-        raise CheckpointError(f"{path} has no {PRUNING_FILE}: not an llmprune checkpoint")
-    return json.loads(p.read_text())
-
-
-def update_results(path: str | Path, results: dict[str, Any]) -> None:
-    """Merge `results` into pruning.json (atomic replace of that one file)."""
-    p = Path(path) / PRUNING_FILE
-    doc = read_pruning_info(path)
-    doc.setdefault("results", {}).update(results)
-    tmp = p.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, default=_json_default) + "\n")
-    tmp.replace(p)
 
 
 def now_iso() -> str:

@@ -1,9 +1,11 @@
 """The only code that edits weights: apply a Plan, or simulate it without editing anything.
 
-`apply` slices the base tensors (q/k/v/gate/up rows, o/down columns), adds FLAP-style bias
-compensation, puts the plan's reconstructed o_proj / down_proj weights and biases (`plan.tensors`,
-least squares / OBS) in place of the sliced ones, drops removed sublayers' tensors, renumbers fully
-removed blocks away, and loads the result into the target architecture (the stock class when the result is uniform, `llmprune_llama`
+`apply` slices the base tensors (q/k/v/gate/up rows — the matching row blocks of fused projections —,
+o/down columns, whole-projection q/k norm weights), adds FLAP-style bias compensation, puts the plan's
+reconstructed o_proj / down_proj weights and biases (`plan.tensors`, least squares / OBS) in place of
+the sliced ones, drops removed sublayers' tensors (their norms included), renumbers fully removed
+blocks away, and loads the result into the target architecture (the stock class when the result is
+uniform, the family's `llmprune_*`
 otherwise). Unchanged tensors are shared with the input model, not copied.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from .families import Family, family_for
-from .families.base import BlockView, Geometry
+from .families.base import BlockView, FusedRows, Geometry, Projection
 from .plan import AttnPlan, MlpPlan, Plan, attn_kept_channels, removed_indices
 
 
@@ -40,13 +42,13 @@ def apply(model: nn.Module, plan: Plan, family: Family | None = None) -> nn.Modu
         block = family.block(model, i)
         if block.attn is not None:
             if lp.attn.drop:
-                _forget(state, names, [block.attn.module, block.attn.norm])
+                _forget(state, names, [block.attn.module, *block.attn.norms()])
             elif not lp.attn.is_identity() or lp.attn.compensate is not None:
                 _slice_attention(state, names, block, g, lp.attn)
                 _adopt(state, names, block.attn.o, plan.tensors, f"L{i}.attn.o")
         if block.mlp is not None:
             if lp.mlp.drop:
-                _forget(state, names, [block.mlp.module, block.mlp.norm])
+                _forget(state, names, [block.mlp.module, *block.mlp.norms()])
             elif not lp.mlp.is_identity() or lp.mlp.compensate is not None:
                 _slice_mlp(state, names, block, g, lp.mlp)
                 _adopt(state, names, block.mlp.down, plan.tensors, f"L{i}.mlp.down")
@@ -94,12 +96,13 @@ def _slice_attention(state: dict, names: dict, block: BlockView, g: Geometry, a:
     ch = attn_kept_channels(g, a)  # q rows / o columns, grouped by kept KV group
     groups = range(g.n_kv_heads) if a.keep_kv_groups is None else a.keep_kv_groups
     kv_rows = [r for k in groups for r in range(k * g.head_dim, (k + 1) * g.head_dim)]
-    idx_q = torch.tensor(ch, device=att.q.weight.device)
-    idx_kv = torch.tensor(kv_rows, device=att.k.weight.device)
-    for lin, idx in ((att.q, idx_q), (att.k, idx_kv), (att.v, idx_kv)):
-        state[_name(names, lin.weight)] = lin.weight.index_select(0, idx).contiguous()
-        if lin.bias is not None:
-            state[_name(names, lin.bias)] = lin.bias.index_select(0, idx).contiguous()
+    idx_q = torch.tensor(ch, device=att.o.weight.device)
+    idx_kv = torch.tensor(kv_rows, device=att.o.weight.device)
+    _cut_rows(state, names, [(att.q, idx_q), (att.k, idx_kv), (att.v, idx_kv)])
+    if not att.qk_norm_per_head:  # norms over the whole projection: their weights follow the kept rows
+        for norm, idx in ((att.q_norm, idx_q), (att.k_norm, idx_kv)):
+            if norm is not None:
+                state[_name(names, norm.weight)] = norm.weight.index_select(0, idx).contiguous()
     state[_name(names, att.o.weight)] = att.o.weight.index_select(1, idx_q).contiguous()
     if a.compensate is not None:
         removed = removed_indices(ch, g.n_q_heads * g.head_dim)
@@ -110,14 +113,25 @@ def _slice_mlp(state: dict, names: dict, block: BlockView, g: Geometry, m: MlpPl
     mlp = block.mlp
     keep = list(range(g.intermediate)) if m.keep_channels is None else m.keep_channels
     idx = torch.tensor(keep, device=mlp.down.weight.device)
-    for lin in mlp.inputs:
-        state[_name(names, lin.weight)] = lin.weight.index_select(0, idx).contiguous()
-        if lin.bias is not None:
-            state[_name(names, lin.bias)] = lin.bias.index_select(0, idx).contiguous()
+    _cut_rows(state, names, [(lin, idx) for lin in mlp.inputs])
     state[_name(names, mlp.down.weight)] = mlp.down.weight.index_select(1, idx).contiguous()
     if m.compensate is not None:
         removed = removed_indices(keep, g.intermediate)
         state[_bias_name(names, mlp.down)] = _compensation(mlp.down, removed, m.compensate)
+
+
+def _cut_rows(state: dict, names: dict, parts: list[tuple[Projection, torch.Tensor]]) -> None:
+    """Keep rows `idx` of each projection. Parts of one fused Linear (FusedRows) are cut together, in the
+    order given, so a fused [q; k; v] or [gate; up] weight stays stacked the same way."""
+    groups: dict[int, tuple[nn.Linear, list[torch.Tensor]]] = {}
+    for proj, idx in parts:
+        lin, offset = (proj.parent, proj.start) if isinstance(proj, FusedRows) else (proj, 0)
+        groups.setdefault(id(lin), (lin, []))[1].append(idx.to(lin.weight.device) + offset)
+    for lin, idxs in groups.values():
+        rows = torch.cat(idxs)
+        state[_name(names, lin.weight)] = lin.weight.index_select(0, rows).contiguous()
+        if lin.bias is not None:
+            state[_name(names, lin.bias)] = lin.bias.index_select(0, rows).contiguous()
 
 
 def _renumber(state: dict[str, torch.Tensor], model: nn.Module, family: Family, kept: list[int]) -> dict:
@@ -181,11 +195,14 @@ def simulate(model: nn.Module, plan: Plan, family: Family | None = None) -> Iter
             if block.attn is not None:
                 if lp.attn.drop:
                     undo.append(_silence(block.attn.module, returns_tuple=True))
-                elif f"L{i}.attn.o.weight" in plan.tensors:
-                    undo.append(_refit_forward(block.attn.o, attn_kept_channels(g, lp.attn), plan.tensors, f"L{i}.attn.o"))
                 elif not lp.attn.is_identity():
-                    removed = removed_indices(attn_kept_channels(g, lp.attn), g.n_q_heads * g.head_dim)
-                    undo.append(_mask_inputs(block.attn.o, removed, lp.attn.compensate))
+                    kept = attn_kept_channels(g, lp.attn)
+                    if f"L{i}.attn.o.weight" in plan.tensors:  # reconstructed o_proj on the kept inputs
+                        undo.append(_refit_forward(block.attn.o, kept, plan.tensors, f"L{i}.attn.o"))
+                    else:
+                        removed = removed_indices(kept, g.n_q_heads * g.head_dim)
+                        undo.append(_mask_inputs(block.attn.o, removed, lp.attn.compensate))
+                    undo += _restrict_qk_norms(block, g, lp.attn, kept)
             if block.mlp is not None:
                 if lp.mlp.drop:
                     undo.append(_silence(block.mlp.module, returns_tuple=False))
@@ -198,6 +215,43 @@ def simulate(model: nn.Module, plan: Plan, family: Family | None = None) -> Iter
     finally:
         for fn in reversed(undo):
             fn()
+
+
+def _restrict_qk_norms(block: BlockView, g: Geometry, a: AttnPlan, kept_q: list[int]) -> list[Any]:
+    """Whole-projection q/k norms (OLMo 2) of a pruned model take their statistic over the kept heads only.
+
+    Make the dense norms do the same: normalise the kept channels with their own weights and output
+    zeros elsewhere (removed channels only reach o_proj inputs that are masked anyway).
+    """
+    att = block.attn
+    if att.qk_norm_per_head:
+        return []
+    groups = range(g.n_kv_heads) if a.keep_kv_groups is None else a.keep_kv_groups
+    kept_kv = [r for k in groups for r in range(k * g.head_dim, (k + 1) * g.head_dim)]
+    undo = []
+    for norm, kept, width in ((att.q_norm, kept_q, g.n_q_heads * g.head_dim),
+                              (att.k_norm, kept_kv, g.n_kv_heads * g.head_dim)):
+        if norm is not None and len(kept) < width:
+            undo.append(_restrict_norm(norm, kept))
+    return undo
+
+
+def _restrict_norm(norm: nn.Module, kept: list[int]) -> Any:
+    idx = torch.tensor(kept, dtype=torch.long, device=norm.weight.device)
+    shadow = copy.deepcopy(norm)  # a [len(kept)] copy of the norm: the model's own weights stay untouched
+    shadow.weight = nn.Parameter(norm.weight.detach().index_select(0, idx), requires_grad=False)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:  # x: [..., width]
+        out = torch.zeros_like(x)
+        out[..., idx] = shadow(x.index_select(-1, idx))
+        return out
+
+    norm.forward = forward
+
+    def restore() -> None:
+        del norm.forward
+
+    return restore
 
 
 def _silence(module: nn.Module, returns_tuple: bool) -> Any:

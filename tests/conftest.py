@@ -18,13 +18,16 @@ import torch  # noqa: E402
 
 import llmprune  # noqa: E402,F401  (registers llmprune_llama)
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2")
 VOCAB = 320
+SLIDING_WINDOW = 5  # Gemma's sliding layers: shorter than the test sequences, so the window matters
 
 
 def make_config(family: str = "llama", layers: int = 3, tie: bool = False, vocab: int = VOCAB, **kw):  # noqa: ANN201
-    """A tiny config with GQA (4 query heads, 2 KV heads). Qwen3 gets head_dim != hidden/heads."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    """A tiny config with GQA (4 query heads, 2 KV heads). Qwen3 and Gemma get head_dim != hidden/heads;
+    Gemma alternates sliding (window SLIDING_WINDOW) and full attention layers, with soft-capping."""
+    from transformers import (Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Olmo2Config, Phi3Config,
+                              Qwen2Config, Qwen3Config)
 
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -39,6 +42,21 @@ def make_config(family: str = "llama", layers: int = 3, tie: bool = False, vocab
     if family == "qwen3":
         common.setdefault("head_dim", 24)
         return Qwen3Config(**common)
+    if family in ("gemma2", "gemma3_text"):
+        common.setdefault("head_dim", 24)
+        common.setdefault("sliding_window", SLIDING_WINDOW)
+        common.setdefault("query_pre_attn_scalar", 20)
+        common.setdefault("attn_logit_softcapping", 5.0)  # small enough to bite on random weights
+        if family == "gemma2":
+            common.setdefault("final_logit_softcapping", 3.0)
+            return Gemma2Config(**common)
+        common.setdefault("layer_types", ["sliding_attention", "full_attention", "sliding_attention"][:layers]
+                          + ["full_attention"] * max(0, layers - 3))
+        return Gemma3TextConfig(**common)
+    if family == "phi3":
+        return Phi3Config(**common)
+    if family == "olmo2":
+        return Olmo2Config(**common)
     raise ValueError(family)
 
 

@@ -47,18 +47,18 @@ def run_without_llmprune(path: Path, ids: torch.Tensor) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2"])
 def test_nonuniform_round_trip_both_loaders(tmp_path, tokens, tiny_tokenizer, family):
-    model = make_model(family, tie=(family == "llama"))
+    model = make_model(family, tie=family in ("llama", "gemma2", "gemma3_text"))
     plan = mixed_plan(model, compensate=True)
     pruned = surgery.apply(model, plan)
     ref = pruned(tokens).logits
-    out = save_pruned(pruned, tiny_tokenizer, tmp_path / "ckpt", plan, info={"results": {"x": 1}})
+    out = save_pruned(pruned, tiny_tokenizer, tmp_path / "ckpt", plan, info={"params": {"x": 1}})
     files = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "pruning.json", "configuration_llmprune.py",
             "modeling_llmprune.py", "tokenizer.json"} <= files
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["model_type"] == "llmprune_llama"
+    assert cfg["model_type"] == ("llmprune_llama" if family in ("llama", "qwen3") else f"llmprune_{family}")
     assert set(cfg["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
     per_layer = {int(k): v for k, v in cfg["per_layer_config"].items()}
     assert per_layer[0]["skip"] == ["attention"] and per_layer[2]["skip"] == ["mlp"]
@@ -73,7 +73,7 @@ def test_nonuniform_round_trip_both_loaders(tmp_path, tokens, tiny_tokenizer, fa
     assert torch.equal(torch.tensor(remote["gen"]), pruned.generate(tokens[:1], max_new_tokens=4, do_sample=False))
 
     doc = json.loads((out / "pruning.json").read_text())
-    assert doc["format"] == "llmprune.checkpoint" and doc["results"] == {"x": 1}
+    assert doc["format"] == "llmprune.checkpoint" and doc["params"] == {"x": 1}
     assert Plan.load(out).to_dict() == plan.to_dict()
 
 
@@ -119,10 +119,3 @@ def test_failed_save_leaves_nothing_behind(tmp_path, tiny_tokenizer, monkeypatch
         save_pruned(model, tiny_tokenizer, tmp_path / "out", plan)
     assert list(tmp_path.iterdir()) == []
 
-
-def test_update_results_merges(tmp_path, tiny_tokenizer):
-    model = make_model("llama")
-    plan = Plan.identity(family_for(model.config).geometry(model))
-    out = save_pruned(model, tiny_tokenizer, tmp_path / "o", plan, info={"results": {"a": 1}})
-    checkpoint.update_results(out, {"b": 2})
-    assert checkpoint.read_pruning_info(out)["results"] == {"a": 1, "b": 2}

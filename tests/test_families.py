@@ -20,7 +20,7 @@ def test_geometry_matches_modules(tiny_model):
     assert len(geo) == 3
     g = geo[0]
     assert (g.n_q_heads, g.n_kv_heads, g.intermediate, g.group_size) == (4, 2, 96, 2)
-    assert g.head_dim == (24 if tiny_model.config.model_type == "qwen3" else 16)
+    assert g.head_dim == (24 if tiny_model.config.model_type in ("qwen3", "gemma2", "gemma3_text") else 16)
     assert g.qkv_bias == (tiny_model.config.model_type == "qwen2")
     linear = sum(p.numel() for n, p in tiny_model.named_parameters()
                  if ".layers." in n and ("proj" in n))

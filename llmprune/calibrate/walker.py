@@ -116,7 +116,9 @@ class BlockWalker:
 
     @torch.no_grad()
     def logits(self, hidden: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """Final norm + LM head on the given last-block outputs: list of [b, T, vocab]."""
+        """Final norm + LM head (+ logit soft-capping) on the given last-block outputs: list of [b, T, vocab]."""
         hidden = self.hidden if hidden is None else hidden
         norm, head = self.family.final_norm(self.model), self.family.lm_head(self.model)
-        return [head(norm(h.to(self.device))) for h in hidden]
+        cap = self.family.logit_softcap(self.model.config)  # Gemma 2: logits = c·tanh(head(x)/c)
+        out = [head(norm(h.to(self.device))) for h in hidden]
+        return out if cap is None else [cap * torch.tanh(z / cap) for z in out]

@@ -82,17 +82,71 @@ class Geometry:
         return replace(self, **changes)
 
 
+class FusedRows:
+    """Rows [start, stop) of a fused nn.Linear, seen as a projection of its own (Phi-3's qkv_proj, gate_up_proj).
+
+    Pruners read `weight` / `bias` (views, [stop-start, in] / [stop-start]); calibration hooks register on the
+    fused module, whose input is the input of every part. Surgery cuts all parts of one parent together.
+    """
+
+    def __init__(self, parent: nn.Linear, start: int, stop: int):
+        if not 0 <= start < stop <= parent.out_features:
+            raise ValueError(f"rows [{start}, {stop}) do not lie in a Linear with {parent.out_features} outputs")
+        self.parent, self.start, self.stop = parent, start, stop
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.parent.weight[self.start:self.stop]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        b = self.parent.bias
+        return None if b is None else b[self.start:self.stop]
+
+    @property
+    def in_features(self) -> int:
+        return self.parent.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.stop - self.start
+
+    def register_forward_pre_hook(self, hook: Any, **kwargs: Any) -> Any:
+        return self.parent.register_forward_pre_hook(hook, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"FusedRows({self.parent!r}, {self.start}, {self.stop})"
+
+
+Projection = nn.Linear | FusedRows
+
+
 @dataclass
 class AttnView:
-    """The attention sublayer of one block: its projections and the norm in front of it."""
+    """The attention sublayer of one block: its projections and norms.
+
+    norm: applied to the sublayer input (None in post-norm layouts such as OLMo 2); post_norm: applied to the
+    sublayer output before the residual add (Gemma 2/3 sandwich, OLMo 2), None otherwise. Both go when the
+    sublayer is removed. q_norm / k_norm: norms on the projected queries / keys; `qk_norm_per_head` says
+    whether they act per head ([head_dim] weight: Qwen3, Gemma 3) or over the whole projection
+    ([n_heads·head_dim] weight: OLMo 2), where pruning heads slices the weight and changes the statistic.
+    """
 
     module: nn.Module
-    norm: nn.Module
-    q: nn.Linear
-    k: nn.Linear
-    v: nn.Linear
+    norm: nn.Module | None
+    q: Projection
+    k: Projection
+    v: Projection
     o: nn.Linear
     head_dim: int
+    post_norm: nn.Module | None = None
+    q_norm: nn.Module | None = None
+    k_norm: nn.Module | None = None
+    qk_norm_per_head: bool = True
+
+    def norms(self) -> list[nn.Module]:
+        """The residual-branch norms that belong to this sublayer (removed with it)."""
+        return [n for n in (self.norm, self.post_norm) if n is not None]
 
 
 @dataclass
@@ -100,9 +154,13 @@ class MlpView:
     """The FFN sublayer of one block. `inputs` are the row-sliced matrices (gate, up); `down` is column-sliced."""
 
     module: nn.Module
-    norm: nn.Module
-    inputs: list[nn.Linear]
+    norm: nn.Module | None
+    inputs: list[Projection]
     down: nn.Linear
+    post_norm: nn.Module | None = None
+
+    def norms(self) -> list[nn.Module]:
+        return [n for n in (self.norm, self.post_norm) if n is not None]
 
 
 @dataclass
@@ -136,6 +194,12 @@ class Family(Protocol):
     def final_norm(self, model: nn.Module) -> nn.Module: ...
 
     def lm_head(self, model: nn.Module) -> nn.Module: ...
+
+    def embed(self, model: nn.Module) -> nn.Module: ...
+
+    def logit_softcap(self, config: Any) -> float | None:
+        """c when the model's logits are c·tanh(lm_head(x)/c) (Gemma 2), else None."""
+        ...
 
     def attn_residual(self, block: BlockView, hidden: torch.Tensor, layer_kwargs: dict[str, Any]) -> torch.Tensor:
         """hidden + attention(norm(hidden)) — half a decoder layer, for what-if evaluation ([b, T, d])."""

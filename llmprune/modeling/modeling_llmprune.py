@@ -1,13 +1,19 @@
-# A Llama-architecture decoder whose layers may differ in shape: per-layer query / KV heads and FFN
-# width, attention or FFN sublayers removed, optional biases on o_proj / down_proj.
-#
-# Copied next to the weights of every non-uniform llmprune checkpoint, so that
-# `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` works without llmprune.
-# It builds every layer from the base family's own transformers modules (LlamaAttention,
-# Qwen3Attention, ...) using that layer's resolved config; nothing here is a copied modeling file.
+"""Decoders whose layers may differ in shape: per-layer query / KV heads and FFN width, attention or
+FFN sublayers removed, optional biases on o_proj / down_proj. One model class per base family
+(Llama-like, Gemma 2, Gemma 3 text, Phi-3, OLMo 2), all sharing one decoder layer and one stack.
+
+Copied next to the weights of every non-uniform llmprune checkpoint, so that
+`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` works without llmprune.
+It builds every layer from the base family's own transformers modules (LlamaAttention,
+Gemma2Attention, Phi3MLP, ...) using that layer's resolved config; nothing here is a copied
+modeling file. What differs between families is data: where the residual-branch norms sit, the
+embedding class, and whether rotary embeddings differ per attention type.
+"""
 from __future__ import annotations
 
+import copy
 import importlib
+import inspect
 
 import torch
 import transformers
@@ -17,9 +23,20 @@ from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.models.gemma2 import modeling_gemma2
+from transformers.models.gemma3 import modeling_gemma3
 from transformers.models.llama import modeling_llama
+from transformers.models.olmo2 import modeling_olmo2
+from transformers.models.phi3 import modeling_phi3
 
-from .configuration_llmprune import LlmpruneLlamaConfig
+from .configuration_llmprune import (
+    LlmpruneGemma2Config,
+    LlmpruneGemma3TextConfig,
+    LlmpruneLlamaConfig,
+    LlmpruneOlmo2Config,
+    LlmprunePhi3Config,
+    link_layer_config,
+)
 
 _MIN_TRANSFORMERS = (5, 14)
 if tuple(int(p) for p in transformers.__version__.split(".")[:2]) < _MIN_TRANSFORMERS:
@@ -28,18 +45,44 @@ if tuple(int(p) for p in transformers.__version__.split(".")[:2]) < _MIN_TRANSFO
         f"(per_layer_config support); found {transformers.__version__}. Run: pip install -U transformers"
     )
 
+# transformers renamed the KV-cache argument `past_key_values` -> `cache` (the old name is deprecated);
+# speak whichever this version's modules take.
+_CACHE_KW = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
 # base_model_type -> (module, class-name prefix) providing Attention, MLP, RMSNorm, RotaryEmbedding
 _FAMILY_MODULES = {
     "llama": ("transformers.models.llama.modeling_llama", "Llama"),
     "mistral": ("transformers.models.mistral.modeling_mistral", "Mistral"),
     "qwen2": ("transformers.models.qwen2.modeling_qwen2", "Qwen2"),
     "qwen3": ("transformers.models.qwen3.modeling_qwen3", "Qwen3"),
+    "gemma2": ("transformers.models.gemma2.modeling_gemma2", "Gemma2"),
+    "gemma3_text": ("transformers.models.gemma3.modeling_gemma3", "Gemma3"),
+    "phi3": ("transformers.models.phi3.modeling_phi3", "Phi3"),
+    "olmo2": ("transformers.models.olmo2.modeling_olmo2", "Olmo2"),
 }
+
+# Residual-branch norms of a decoder layer, by slot: (before attention, after attention, before FFN,
+# after FFN). Names are the base model's, so tensor names stay unchanged; a removed sublayer takes its
+# slots' norms with it.
+_PRE_NORM = ("input_layernorm", None, "post_attention_layernorm", None)  # Llama, Mistral, Qwen, Phi-3
+_SANDWICH = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+_POST_NORM = (None, "post_attention_layernorm", None, "post_feedforward_layernorm")  # OLMo 2
+_NORMS = {"gemma2": _SANDWICH, "gemma3_text": _SANDWICH, "olmo2": _POST_NORM}
+_SCALED_EMBEDDING = {"gemma2": "TextScaledWordEmbedding", "gemma3_text": "TextScaledWordEmbedding"}  # x·√hidden
+_ROPE_PER_LAYER_TYPE = ("gemma3_text",)  # separate rotary tables for sliding and full attention
 
 
 def _family_class(config: LlmpruneLlamaConfig, part: str) -> type[nn.Module]:
     module_name, prefix = _FAMILY_MODULES[config.base_model_type]
     return getattr(importlib.import_module(module_name), prefix + part)
+
+
+def _homogeneous(config: LlmpruneLlamaConfig) -> LlmpruneLlamaConfig:
+    # The global config without per-layer overrides, for modules that only read global fields
+    # (rotary embeddings read layer_types, which then lists every layer's attention type).
+    out = copy.copy(config)
+    out.__dict__.pop("_heterogeneity_spec", None)
+    return out
 
 
 def _with_bias(linear: nn.Linear) -> nn.Linear:
@@ -51,80 +94,96 @@ def _with_bias(linear: nn.Linear) -> nn.Linear:
 
 
 class LlmpruneDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm decoder layer whose attention and/or FFN sublayer may be absent."""
+    """Decoder layer (pre-norm, sandwich-norm or post-norm) whose attention and/or FFN sublayer may be absent."""
 
     def __init__(self, config: LlmpruneLlamaConfig, layer_idx: int):
         super().__init__()
-        lc = config.per_layer_config[layer_idx] if config.is_heterogeneous else config
+        # The per-layer config is a copy; linked, it reads _attn_implementation from the live config.
+        lc = link_layer_config(config.per_layer_config[layer_idx], config) if config.is_heterogeneous else config
         skip = set(getattr(lc, "skip", None) or [])
         self.has_attn = "attention" not in skip
         self.has_mlp = "mlp" not in skip
+        self.norm_names = _NORMS.get(config.base_model_type, _PRE_NORM)
         rms_norm = _family_class(config, "RMSNorm")
+        present = (self.has_attn, self.has_attn, self.has_mlp, self.has_mlp)
+        for name, keep in zip(self.norm_names, present):
+            if name is not None and keep:
+                setattr(self, name, rms_norm(config.hidden_size, eps=config.rms_norm_eps))
         if self.has_attn:
-            self.input_layernorm = rms_norm(config.hidden_size, eps=config.rms_norm_eps)
             # Original layer_idx: the KV cache and per-layer config are indexed by it.
             self.self_attn = _family_class(config, "Attention")(config=lc, layer_idx=layer_idx)
-            # The per-layer config is a copy; forward reads _attn_implementation from the live config.
-            self.self_attn.config = config
             if getattr(lc, "o_proj_bias", False) and self.self_attn.o_proj.bias is None:
                 self.self_attn.o_proj = _with_bias(self.self_attn.o_proj)
         if self.has_mlp:
-            self.post_attention_layernorm = rms_norm(config.hidden_size, eps=config.rms_norm_eps)
             self.mlp = _family_class(config, "MLP")(lc)
             if getattr(lc, "down_proj_bias", False) and self.mlp.down_proj.bias is None:
                 self.mlp.down_proj = _with_bias(self.mlp.down_proj)
+
+    def _norm(self, slot: int, x: torch.Tensor) -> torch.Tensor:
+        name = self.norm_names[slot]
+        return x if name is None else getattr(self, name)(x)
 
     def forward(
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        cache = cache if cache is not None else kwargs.pop("past_key_values", None)
+        kwargs.pop("past_key_values", None)
         if self.has_attn:
             attn_out, _ = self.self_attn(
-                hidden_states=self.input_layernorm(hidden_states),
+                hidden_states=self._norm(0, hidden_states),
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
+                **{_CACHE_KW: cache},
                 **kwargs,
             )
-            hidden_states = hidden_states + attn_out
+            hidden_states = hidden_states + self._norm(1, attn_out)
         if self.has_mlp:
-            hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+            hidden_states = hidden_states + self._norm(3, self.mlp(self._norm(2, hidden_states)))
         return hidden_states
 
 
-class LlmprunePreTrainedModel(modeling_llama.LlamaPreTrainedModel):
-    config_class = LlmpruneLlamaConfig
-    config: LlmpruneLlamaConfig
-    _no_split_modules = ["LlmpruneDecoderLayer"]
-    _can_record_outputs = {"hidden_states": LlmpruneDecoderLayer}
+class _DecoderStack:
+    """The body of every Llmprune*Model: embeddings, the layers, the final norm, rotary embeddings."""
 
-
-class LlmpruneLlamaModel(LlmprunePreTrainedModel):
     def __init__(self, config: LlmpruneLlamaConfig):
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        if config.base_model_type in _SCALED_EMBEDDING:
+            self.embed_tokens = _family_class(config, _SCALED_EMBEDDING[config.base_model_type])(
+                config.vocab_size, config.hidden_size, self.padding_idx, embed_scale=config.hidden_size**0.5)
+        else:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(LlmpruneDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = _family_class(config, "RMSNorm")(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = _family_class(config, "RotaryEmbedding")(config=config)
+        self.rotary_emb = _family_class(config, "RotaryEmbedding")(config=_homogeneous(config))
         self.gradient_checkpointing = False
         self.post_init()
+
+    def _position_embeddings(self, hidden_states: torch.Tensor, position_ids: torch.Tensor) -> list:
+        """(cos, sin) per layer; None for attention-free layers. Computed once per distinct table."""
+        layer_types = self.config.layer_types
+        if self.config.base_model_type not in _ROPE_PER_LAYER_TYPE:
+            shared = self.rotary_emb(hidden_states, position_ids)
+            return [None if t == "mlp" else shared for t in layer_types]
+        tables = {t: self.rotary_emb(hidden_states, position_ids, t) for t in set(layer_types) - {"mlp"}}
+        return [tables.get(t) for t in layer_types]
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | dict | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -132,38 +191,40 @@ class LlmpruneLlamaModel(LlmprunePreTrainedModel):
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        cache = cache if cache is not None else kwargs.pop("past_key_values", None)  # the pre-rename name
+        kwargs.pop("past_key_values", None)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         output_hidden_states = (
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if position_ids is None:
-            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past
 
         layer_types = self.config.layer_types
         masks = attention_mask  # generate() may hand over a ready {layer_type: mask} mapping
         if not isinstance(masks, dict):
             mask_kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                               past_key_values=past_key_values, position_ids=position_ids)
+                               position_ids=position_ids, **{_CACHE_KW: cache})
             masks = {"full_attention": create_causal_mask(**mask_kwargs)}
             if "sliding_attention" in layer_types:
                 masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
 
         hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        position_embeddings = self._position_embeddings(hidden_states, position_ids)
         all_hidden = [hidden_states] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
             hidden_states = layer(
                 hidden_states,
                 attention_mask=masks.get(layer_types[i]),  # None for attention-free ("mlp") layers
                 position_ids=position_ids,
-                past_key_values=past_key_values,
+                cache=cache,
                 use_cache=use_cache,
-                position_embeddings=position_embeddings,
+                position_embeddings=position_embeddings[i],
                 **kwargs,
             )
             if all_hidden is not None:
@@ -173,23 +234,116 @@ class LlmpruneLlamaModel(LlmprunePreTrainedModel):
             all_hidden[-1] = hidden_states
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
+            **{_CACHE_KW: cache if use_cache else None},
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
         )
 
 
-class LlmpruneLlamaForCausalLM(LlmprunePreTrainedModel, GenerationMixin):
+class _CausalLM:
+    """The body of every Llmprune*ForCausalLM: the stack plus an LM head; forward is the family's own."""
+
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    model_class: type[nn.Module]
 
     def __init__(self, config: LlmpruneLlamaConfig):
         super().__init__(config)
-        self.model = LlmpruneLlamaModel(config)
+        self.model = self.model_class(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    # forward is LlamaForCausalLM's: it only touches self.model, self.lm_head and the loss.
+
+# ---- one set of classes per base family: its config class, its PreTrainedModel (weight init, attention
+# support flags), and its *ForCausalLM.forward (which only touches self.model, self.lm_head, the loss and,
+# for Gemma 2, the final logit soft-capping).
+class LlmprunePreTrainedModel(modeling_llama.LlamaPreTrainedModel):
+    config_class = LlmpruneLlamaConfig
+    config: LlmpruneLlamaConfig
+    _no_split_modules = ["LlmpruneDecoderLayer"]
+    _can_record_outputs = {"hidden_states": LlmpruneDecoderLayer}
+
+
+class LlmpruneLlamaModel(_DecoderStack, LlmprunePreTrainedModel):
+    pass
+
+
+class LlmpruneLlamaForCausalLM(_CausalLM, LlmprunePreTrainedModel, GenerationMixin):
+    model_class = LlmpruneLlamaModel
     forward = modeling_llama.LlamaForCausalLM.forward
 
 
-__all__ = ["LlmpruneLlamaForCausalLM", "LlmpruneLlamaModel", "LlmprunePreTrainedModel"]
+class LlmpruneGemma2PreTrainedModel(modeling_gemma2.Gemma2PreTrainedModel):
+    config_class = LlmpruneGemma2Config
+    config: LlmpruneGemma2Config
+    _no_split_modules = ["LlmpruneDecoderLayer"]
+    _can_record_outputs = {"hidden_states": LlmpruneDecoderLayer}
+
+
+class LlmpruneGemma2Model(_DecoderStack, LlmpruneGemma2PreTrainedModel):
+    pass
+
+
+class LlmpruneGemma2ForCausalLM(_CausalLM, LlmpruneGemma2PreTrainedModel, GenerationMixin):
+    model_class = LlmpruneGemma2Model
+    forward = modeling_gemma2.Gemma2ForCausalLM.forward
+
+
+class LlmpruneGemma3TextPreTrainedModel(modeling_gemma3.Gemma3PreTrainedModel):
+    config_class = LlmpruneGemma3TextConfig
+    config: LlmpruneGemma3TextConfig
+    input_modalities = ("text",)
+    _no_split_modules = ["LlmpruneDecoderLayer"]
+    _can_record_outputs = {"hidden_states": LlmpruneDecoderLayer}
+
+
+class LlmpruneGemma3TextModel(_DecoderStack, LlmpruneGemma3TextPreTrainedModel):
+    pass
+
+
+class LlmpruneGemma3TextForCausalLM(_CausalLM, LlmpruneGemma3TextPreTrainedModel, GenerationMixin):
+    model_class = LlmpruneGemma3TextModel
+    forward = modeling_gemma3.Gemma3ForCausalLM.forward
+
+
+class LlmprunePhi3PreTrainedModel(modeling_phi3.Phi3PreTrainedModel):
+    config_class = LlmprunePhi3Config
+    config: LlmprunePhi3Config
+    _no_split_modules = ["LlmpruneDecoderLayer"]
+    _can_record_outputs = {"hidden_states": LlmpruneDecoderLayer}
+
+
+class LlmprunePhi3Model(_DecoderStack, LlmprunePhi3PreTrainedModel):
+    pass
+
+
+class LlmprunePhi3ForCausalLM(_CausalLM, LlmprunePhi3PreTrainedModel, GenerationMixin):
+    model_class = LlmprunePhi3Model
+    forward = modeling_phi3.Phi3ForCausalLM.forward
+
+
+class LlmpruneOlmo2PreTrainedModel(modeling_olmo2.Olmo2PreTrainedModel):
+    config_class = LlmpruneOlmo2Config
+    config: LlmpruneOlmo2Config
+    _no_split_modules = ["LlmpruneDecoderLayer"]
+    _can_record_outputs = {"hidden_states": LlmpruneDecoderLayer}
+
+
+class LlmpruneOlmo2Model(_DecoderStack, LlmpruneOlmo2PreTrainedModel):
+    pass
+
+
+class LlmpruneOlmo2ForCausalLM(_CausalLM, LlmpruneOlmo2PreTrainedModel, GenerationMixin):
+    model_class = LlmpruneOlmo2Model
+    forward = modeling_olmo2.Olmo2ForCausalLM.forward
+
+
+# config class -> (AutoModel class, AutoModelForCausalLM class)
+MODEL_CLASSES = {
+    LlmpruneLlamaConfig: (LlmpruneLlamaModel, LlmpruneLlamaForCausalLM),
+    LlmpruneGemma2Config: (LlmpruneGemma2Model, LlmpruneGemma2ForCausalLM),
+    LlmpruneGemma3TextConfig: (LlmpruneGemma3TextModel, LlmpruneGemma3TextForCausalLM),
+    LlmprunePhi3Config: (LlmprunePhi3Model, LlmprunePhi3ForCausalLM),
+    LlmpruneOlmo2Config: (LlmpruneOlmo2Model, LlmpruneOlmo2ForCausalLM),
+}
+
+__all__ = ["MODEL_CLASSES", "LlmpruneDecoderLayer"] + [c.__name__ for pair in MODEL_CLASSES.values() for c in pair]

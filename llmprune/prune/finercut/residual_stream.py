@@ -34,11 +34,6 @@ from .vocab_bound import VocabBound, supports
 
 log = logging.getLogger(__name__)
 
-# Elements of one float32 [rows, vocab] logits block scored at a time (16 MiB): bounds the memory
-# of the head + distance whatever the vocabulary and micro-batch size, and is the granularity at
-# which a hopeless candidate stops being scored (85 rows for a 49k vocabulary, 32 for 128k).
-LOGIT_BLOCK_ELEMS = 1 << 22
-
 
 @dataclass
 class ChunkScore:
@@ -92,6 +87,7 @@ class ResidualStream:
         self._recompute_from(0, progress=progress, desc="residual stream")
         self.teacher_hidden = list(self.h[P])  # dense final residuals, kept for later full-vocabulary checks
         self.norm, self.head = family.final_norm(model), family.lm_head(model)
+        self.softcap = family.logit_softcap(model.config)  # Gemma 2: logits = c·tanh(head(x)/c)
         self.vocab = self.head.out_features
         self.subset: torch.Tensor | None = None  # vocabulary ids scored (top-k mode), None: all
         self._weight, self._bias = self.head.weight, self.head.bias
@@ -100,7 +96,7 @@ class ResidualStream:
         if topk_vocab and divergence.needs_reference(distance):
             self._restrict_vocab(topk_vocab)
         # Cheap lower bounds of the per-token values (exact search aid); filled by the same dense pass.
-        self.bound = (VocabBound(distance, self.head.weight, self.head.bias, bound_topk)
+        self.bound = (VocabBound(distance, self.head.weight, self.head.bias, bound_topk, self.softcap)
                       if bound_topk and supports(distance) and self.subset is None else None)
         self.refs = [self._dense_pass(j) for j in range(self.n_chunks)]
         self.row_order: list[torch.Tensor | None] = [None] * self.n_chunks
@@ -156,10 +152,11 @@ class ResidualStream:
     def _logits(self, rows: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head (restricted to the scored vocabulary) on [n, d] residuals: [n, V'] float32."""
         self.work["head_tokens"] += rows.shape[0]
-        return F.linear(self.norm(rows), self._weight, self._bias).float()
+        z = F.linear(self.norm(rows), self._weight, self._bias).float()
+        return z if self.softcap is None else self.softcap * torch.tanh(z / self.softcap)
 
     def _row_block(self) -> int:
-        return max(1, LOGIT_BLOCK_ELEMS // self._weight.shape[0])
+        return max(1, divergence.BLOCK_ELEMS // self._weight.shape[0])
 
     def _dense_blocks(self, j: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The dense model's logits on chunk j, a block of rows at a time, with the rows' next-token targets."""

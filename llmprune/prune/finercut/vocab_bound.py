@@ -137,10 +137,12 @@ class VocabBound:
     U_j, each row's positions in U_j [n, k] and the dense probabilities there [n, k] with the rest's mass [n].
     """
 
-    def __init__(self, distance: str, weight: torch.Tensor, bias: torch.Tensor | None, k: int):
+    def __init__(self, distance: str, weight: torch.Tensor, bias: torch.Tensor | None, k: int,
+                 softcap: float | None = None):
         if not supports(distance):
             raise ValueError(f"no vocabulary bound for the {distance} distance")
         self.distance, self.weight, self.bias = distance, weight, bias
+        self.softcap = softcap  # logits = c·tanh(z/c) (Gemma 2); elementwise, so the bounds still hold
         self.k = max(1, min(k, weight.shape[0]))
         self.ids: list[torch.Tensor] = []  # [u_j] vocabulary ids
         self.rows: list[torch.Tensor] = []  # [u_j, d] head weights
@@ -185,6 +187,8 @@ class VocabBound:
     def values(self, j: int, normed: torch.Tensor) -> torch.Tensor:
         """Safe per-token lower bounds [n] (float64) for chunk j's rows, from normalized final hidden states [n, d]."""
         z = F.linear(normed, self.rows[j], self.biases[j]).double()  # [n, u_j]
+        if self.softcap is not None:
+            z = self.softcap * torch.tanh(z / self.softcap)
         if self.distance == "perplexity":
             slot = self.pos[j]
             picked = z.gather(1, slot.clamp_min(0).unsqueeze(1)).squeeze(1)
