@@ -49,11 +49,15 @@ class ObsConfig(DataWidthOptions):
 def obs_diag_scores(block: BlockView, g: Geometry, stats: Stats | None, i: int) \
         -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Dense-pass unit scores for allocations: ‖W_:,j‖² E[x_j²] per o_proj / down_proj input channel."""
+    def mean_sq(site: str) -> torch.Tensor:  # E[x_j²] per channel
+        m = stats[site_name(i, site)]
+        return (m.sumsq() / max(m.count, 1)).cpu()
+
     attn = mlp = None
     if block.attn is not None:
-        attn = block.attn.o.weight.detach().double().pow(2).sum(0).cpu() * stats[site_name(i, "attn.o_in")].mean_sq().cpu()
+        attn = block.attn.o.weight.detach().double().pow(2).sum(0).cpu() * mean_sq("attn.o_in")
     if block.mlp is not None:
-        mlp = block.mlp.down.weight.detach().double().pow(2).sum(0).cpu() * stats[site_name(i, "mlp.down_in")].mean_sq().cpu()
+        mlp = block.mlp.down.weight.detach().double().pow(2).sum(0).cpu() * mean_sq("mlp.down_in")
     return attn, mlp
 
 
