@@ -17,6 +17,7 @@ _register()  # `llmprune_*` checkpoints load through the Auto classes without tr
 from .api import Loaded, calibration_tokens, eval_perplexity, load, make_plan, prune, run, run_bench, run_eval  # noqa: E402,E501
 from .calibrate import Stats, calibrate  # noqa: E402
 from .checkpoint import load_pruned, save_pruned  # noqa: E402
+from .errors import LlmpruneError, UsageError  # noqa: E402
 from .families import Geometry, family_for  # noqa: E402
 from .hub import push_to_hub  # noqa: E402
 from .modelcard import build_model_card  # noqa: E402
@@ -27,4 +28,5 @@ from .surgery import apply, simulate  # noqa: E402
 __all__ = ["AttnPlan", "Geometry", "LayerPlan", "Loaded", "MlpPlan", "Plan", "Stats", "__version__", "apply",
            "calibrate", "calibration_tokens", "eval_perplexity", "family_for", "load", "load_pruned",
            "load_recipe", "make_plan", "prune", "run", "run_bench", "run_eval", "save_pruned", "simulate"]
+__all__ += ["LlmpruneError", "UsageError"]  # every user-facing error (errors.py)
 __all__ += ["build_model_card", "push_to_hub"]  # publishing (hub.py, modelcard.py)

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from . import __version__, data, surgery
-from .checkpoint import CheckpointError, check_output_dir, load_pruned, now_iso, save_pruned
+from .checkpoint import CheckpointError, check_output_dir, check_runnable, load_pruned, now_iso, save_pruned
+from .errors import UsageError
 from .embedded import EMBEDDED, is_embedded
 from .evaluate.bench import BenchSettings
 from .evaluate.perplexity import eval_perplexity
@@ -92,8 +93,9 @@ def run(model_id: str, recipe: ResolvedRecipe, out: str | Path, *, device: str =
     """The main job: load → calibrate → plan → apply → save. Returns where it went and the numbers."""
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    check_output_dir(out, overwrite)  # before any expensive work
+    check_output_dir(out, overwrite, inputs=input_paths(model_id))  # before any expensive work
     loaded = load(model_id, device=device, dtype=dtype, revision=revision)
+    check_fits(loaded.model.config, recipe)
     timings["load_s"] = time.perf_counter() - t0
     tokens, cal_desc = None, None
     if get_pruner(recipe.method).wants_data(recipe.options):
@@ -104,6 +106,8 @@ def run(model_id: str, recipe: ResolvedRecipe, out: str | Path, *, device: str =
     plan = make_plan(loaded.model, recipe, tokens, family=loaded.family, base_model=loaded.base_model,
                      offload=offload, progress=progress)
     plan.base_revision = revision
+    plan.base_identity = loaded.identity
+    check_runnable(plan)  # before surgery: a model without any attention cannot generate
     timings["plan_s"] = time.perf_counter() - t
     t = time.perf_counter()
     total_before = count_params(loaded.model)
@@ -126,6 +130,25 @@ def run(model_id: str, recipe: ResolvedRecipe, out: str | Path, *, device: str =
     return res
 
 
+def input_paths(model_id: str) -> tuple[Path, ...]:
+    """Local folders a run reads the model from (the output may not touch them); none for a Hub id."""
+    from .embedded import cache_dir
+
+    if is_embedded(model_id):
+        return (cache_dir() / "models" / model_id,)
+    p = Path(model_id).expanduser()
+    return (p,) if p.exists() else ()
+
+
+def check_fits(config: Any, recipe: ResolvedRecipe) -> None:
+    """Recipe values that only the model can judge, checked before calibrating."""
+    seqlen = recipe.recipe.calibration.seqlen
+    limit = getattr(config, "max_position_embeddings", None)
+    if get_pruner(recipe.method).wants_data(recipe.options) and limit and seqlen > limit:
+        raise UsageError(f"--seqlen {seqlen} (calibration.seqlen) exceeds the model's max_position_embeddings "
+                         f"{limit}; positions beyond it were never trained. Use --seqlen {limit} or less")
+
+
 def params_summary(plan: Plan, total_before: int, total_after: int) -> dict[str, Any]:
     return {
         "linear_before": plan.params_before(), "linear_after": plan.params_after(), "sparsity": plan.sparsity(),
@@ -140,7 +163,8 @@ def provenance(loaded: Loaded, recipe: ResolvedRecipe, calibration: dict | None,
 
     prov: dict[str, Any] = {
         "llmprune_version": __version__, "created": now_iso(), "base_model": loaded.base_model,
-        "model_arg": loaded.model_id, "revision": loaded.revision, "recipe_origin": recipe.origin,
+        "model_arg": loaded.model_id, "revision": loaded.revision, "base": loaded.identity,
+        "recipe_origin": recipe.origin,
         "method": recipe.method, "seed": recipe.recipe.calibration.seed, "calibration": calibration,
         "command": command, "dtype": dtype,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,

@@ -23,6 +23,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from .errors import LlmpruneError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
 }
 
 
-class EmbeddedModelError(RuntimeError):
+class EmbeddedModelError(LlmpruneError, RuntimeError):
     pass
 
 

@@ -31,6 +31,7 @@ from .checkpoint import CHECKPOINT_FORMAT, PRUNING_FILE, RECIPE_FILE
 from .evaluate.report import REPORT_JSON, REPORT_MD
 from .modelcard import CARD_FILE, build_model_card, write_model_card
 from .modeling import REMOTE_CODE_FILES, is_pruned_model_type
+from .errors import EXIT_USAGE, LlmpruneError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ LOGIN_HELP = "log in with `hf auth login`, or set HF_TOKEN, or pass --token (a t
 TOKENS_URL = "https://huggingface.co/settings/tokens"
 
 
-class PushError(RuntimeError):
+class PushError(LlmpruneError, RuntimeError):
     """Publishing failed; the message says what happened, whether anything changed, and the fix."""
 
 
@@ -61,35 +62,40 @@ class PushResult:
     dry_run: bool = False
 
 
+def _usage(message: str) -> PushError:
+    """A push refused before any network call because of what was given (exit 2)."""
+    return PushError(message, exit_code=EXIT_USAGE)
+
+
 # ---- the checkpoint --------------------------------------------------------------------------------
 def check_checkpoint(checkpoint_dir: str | Path) -> dict[str, Any]:
     """Raise PushError unless the folder is a complete llmprune checkpoint; return its pruning.json."""
     d = Path(checkpoint_dir)
     if not d.is_dir():
-        raise PushError(f"{d} is not a directory; pass the folder written by `llmprune ... -o DIR`")
+        raise _usage(f"{d} is not a directory; pass the folder written by `llmprune ... -o DIR`")
     missing = [n for n in ("config.json", PRUNING_FILE) if not (d / n).is_file()]
     if missing:
-        raise PushError(f"{d} is not an llmprune checkpoint: no {' or '.join(missing)}. Push the folder written by "
+        raise _usage(f"{d} is not an llmprune checkpoint: no {' or '.join(missing)}. Push the folder written by "
                         "`llmprune --model M --recipe R -o DIR` (or `llmprune apply`)")
     try:
         doc = json.loads((d / PRUNING_FILE).read_text())
         json.loads((d / "config.json").read_text())
     except json.JSONDecodeError as e:
-        raise PushError(f"{d}: a JSON file is corrupt ({e}); re-create the checkpoint") from None
+        raise _usage(f"{d}: a JSON file is corrupt ({e}); re-create the checkpoint") from None
     if doc.get("format") != CHECKPOINT_FORMAT:
-        raise PushError(f"{d / PRUNING_FILE} is not an llmprune checkpoint file (format={doc.get('format')!r})")
+        raise _usage(f"{d / PRUNING_FILE} is not an llmprune checkpoint file (format={doc.get('format')!r})")
     index = d / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
         absent = [s for s in shards if not (d / s).is_file()]
         if absent:
-            raise PushError(f"{d}: weight shards listed in the index are missing: {', '.join(absent)}")
+            raise _usage(f"{d}: weight shards listed in the index are missing: {', '.join(absent)}")
     elif not (d / "model.safetensors").is_file():
-        raise PushError(f"{d} has no model.safetensors (nor a sharded index): the weights are missing")
+        raise _usage(f"{d} has no model.safetensors (nor a sharded index): the weights are missing")
     if is_pruned_model_type(json.loads((d / "config.json").read_text()).get("model_type")):
         absent = [f for f in REMOTE_CODE_FILES if not (d / f).is_file()]
         if absent:
-            raise PushError(f"{d}: non-uniform checkpoint without its architecture files {', '.join(absent)}; "
+            raise _usage(f"{d}: non-uniform checkpoint without its architecture files {', '.join(absent)}; "
                             "re-save it with llmprune")
     if not (d / "tokenizer_config.json").is_file():
         log.warning("%s has no tokenizer files; the Hub model will need a tokenizer from elsewhere", d)
@@ -122,31 +128,38 @@ def resolve_token(token: str | None = None, api: HfApi | None = None) -> str:
     """--token, else the HfApi's own token, else huggingface_hub's resolution (HF_TOKEN, login cache)."""
     resolved = token or (api.token if api is not None and isinstance(api.token, str) else None) or get_token()
     if not resolved:
-        raise PushError(f"no Hugging Face token found: {LOGIN_HELP}; create one at {TOKENS_URL}")
+        raise _usage(f"no Hugging Face token found: {LOGIN_HELP}; create one at {TOKENS_URL}")
     return resolved
 
 
 def preflight(repo_id: str, token: str | None = None, api: HfApi | None = None,
               endpoint: str | None = None) -> tuple[HfApi, str, str, dict[str, Any]]:
     """Cheap checks before any work: offline mode, token, whoami, repo id. Returns (api, token, repo_id, whoami)."""
+    _check_repo_id(repo_id)  # before anything else: a typo never reaches the Hub
     if constants.is_offline_mode():
-        raise PushError("HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, so huggingface_hub refuses all network "
+        raise _usage("HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, so huggingface_hub refuses all network "
                         "access; unset it to push (the checkpoint stays on disk, push later with `llmprune push`)")
     tok = resolve_token(token, api)
     api = api or HfApi(endpoint=endpoint, token=tok)
     who = _call("check the token (whoami)", repo_id, api, lambda: api.whoami(token=tok))
     if "/" not in repo_id:  # `name` -> `<user>/name`, like the Hub does for create_repo
         repo_id = f"{who.get('name')}/{repo_id}"
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as e:
-        raise PushError(f"invalid repo id {repo_id!r}: {e}. Use NAMESPACE/NAME, e.g. "
-                        f"{who.get('name', 'your-name')}/my-pruned-model") from None
+    _check_repo_id(repo_id, who.get("name"))
     role = ((who.get("auth") or {}).get("accessToken") or {}).get("role")
     if role == "read":
         raise PushError(f"the token of {who.get('name')!r} is read-only and cannot create or write {repo_id}; "
                         f"create a write token at {TOKENS_URL}, then {LOGIN_HELP}")
     return api, tok, repo_id, who
+
+
+def _check_repo_id(repo_id: str, user: str | None = None) -> None:
+    try:
+        if repo_id.count("/") > 1:
+            raise HFValidationError("it has more than one '/'")
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise PushError(f"invalid repo id {repo_id!r}: {e}. Use NAMESPACE/NAME (letters, digits, '-', '_', '.'), "
+                        f"e.g. {user or 'your-name'}/my-pruned-model", exit_code=EXIT_USAGE) from None
 
 
 def push_to_hub(checkpoint_dir: str | Path, repo_id: str, private: bool = False, revision: str | None = None,

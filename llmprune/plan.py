@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .families.base import Geometry
+from .errors import UsageError
 
 TENSOR_KEYS = ("attn.o.weight", "attn.o.bias", "mlp.down.weight", "mlp.down.bias")
 
@@ -29,7 +30,7 @@ PLAN_FORMAT = "llmprune.plan"
 PLAN_VERSION = 1
 
 
-class PlanError(ValueError):
+class PlanError(UsageError):
     """A plan does not fit the model it is applied to, or its file is malformed."""
 
 
@@ -72,6 +73,7 @@ class Plan:
     method: str = "manual"
     base_model: str | None = None
     base_revision: str | None = None
+    base_identity: dict[str, Any] | None = None  # where the base came from + fingerprints (identity.py)
     family: str = "llama"
     recipe: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)  # method-specific report (e.g. removal_order)
@@ -138,6 +140,7 @@ class Plan:
             "family": self.family,
             "base_model": self.base_model,
             "base_revision": self.base_revision,
+            "base_identity": self.base_identity,
             "params": {"linear_before": self.params_before(), "linear_after": self.params_after(),
                        "sparsity": round(self.sparsity(), 6)},
             "geometry": [g.to_dict() for g in self.geometry],
@@ -154,18 +157,23 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
+        if not isinstance(d, dict):
+            raise PlanError(f"not an llmprune plan: expected a JSON object, got a {type(d).__name__}")
         if d.get("format") != PLAN_FORMAT:
             raise PlanError(f"not an llmprune plan (format={d.get('format')!r}, expected {PLAN_FORMAT!r})")
         if d.get("version") != PLAN_VERSION:
             raise PlanError(f"plan version {d.get('version')} is not supported (this llmprune reads {PLAN_VERSION})")
         try:
+            _check_shape(d)
             layers = [LayerPlan(attn=AttnPlan(**ld.get("attn", {})), mlp=MlpPlan(**ld.get("mlp", {})))
                       for ld in d["layers"]]
             geometry = [Geometry.from_dict(g) for g in d["geometry"]]
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, AttributeError) as e:
             raise PlanError(f"malformed plan: {e}") from e
+        ident = d.get("base_identity")
         plan = cls(layers=layers, geometry=geometry, method=d.get("method", "manual"),
                    base_model=d.get("base_model"), base_revision=d.get("base_revision"),
+                   base_identity=ident if isinstance(ident, dict) else None,
                    family=d.get("family", "llama"), recipe=d.get("recipe") or {}, extras=d.get("extras") or {},
                    tensor_manifest={k: list(v) for k, v in (d.get("tensors") or {}).items()})
         plan.validate()
@@ -186,8 +194,17 @@ class Plan:
             p = p / "pruning.json"
         if not p.exists():
             raise PlanError(f"no plan at {path} (expected plan.json or a checkpoint directory with pruning.json)")
-        d = json.loads(p.read_text())
-        plan = cls.from_dict(d["plan"] if isinstance(d.get("plan"), dict) else d)  # checkpoint's pruning.json
+        try:
+            d = json.loads(p.read_text())
+        except UnicodeDecodeError:
+            raise PlanError(f"{p} is not a plan: not a text (JSON) file") from None
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{p} is not valid JSON ({e}); it may be truncated. Re-create it with `llmprune plan`") \
+                from None
+        try:
+            plan = cls.from_dict(d["plan"] if isinstance(d, dict) and isinstance(d.get("plan"), dict) else d)
+        except PlanError as e:
+            raise PlanError(f"{p}: {e}") from None
         side = sidecar_path(p)
         if plan.tensor_manifest and side.exists():  # absent in a checkpoint: its weights already hold them
             from safetensors.torch import load_file
@@ -345,6 +362,32 @@ def _validate_mlp(i: int, g: Geometry, m: MlpPlan) -> None:
     n_removed = len(removed_indices(m.keep_channels, g.intermediate))
     if m.compensate is not None and len(m.compensate) != n_removed:
         raise PlanError(f"{where}: compensate has {len(m.compensate)} means for {n_removed} removed channels")
+
+
+def _check_shape(d: dict[str, Any]) -> None:
+    """Types of a plan read from JSON (hand-edited files), before any index is looked at."""
+    for key in ("layers", "geometry"):
+        if not isinstance(d.get(key), list):
+            raise PlanError(f"{key!r} must be a list, got {type(d.get(key)).__name__}")
+    for i, ld in enumerate(d["layers"]):
+        if not isinstance(ld, dict):
+            raise PlanError(f"layers[{i}] must be an object with attn / mlp, got {type(ld).__name__}")
+        for part, lists in (("attn", ("keep_kv_groups", "keep_q", "compensate")), ("mlp", ("keep_channels", "compensate"))):
+            sub = ld.get(part, {})
+            if not isinstance(sub, dict):
+                raise PlanError(f"layers[{i}].{part} must be an object, got {type(sub).__name__}")
+            for k in lists:
+                v = sub.get(k)
+                if v is not None and not isinstance(v, list):
+                    raise PlanError(f"layers[{i}].{part}.{k} must be a list (or absent), got {v!r}")
+            if not isinstance(sub.get("drop", False), bool):
+                raise PlanError(f"layers[{i}].{part}.drop must be true or false, got {sub.get('drop')!r}")
+            q = sub.get("keep_q")
+            if part == "attn" and isinstance(q, list) and any(not isinstance(x, list) for x in q):
+                raise PlanError(f"layers[{i}].attn.keep_q must be a list of lists (query heads per kept KV group)")
+    for i, g in enumerate(d["geometry"]):
+        if not isinstance(g, dict):
+            raise PlanError(f"geometry[{i}] must be an object, got {type(g).__name__}")
 
 
 def _layer_to_dict(lp: LayerPlan) -> dict[str, Any]:

@@ -22,9 +22,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .prune import PRUNERS
+from .errors import UsageError
 
 
-class RecipeError(ValueError):
+class RecipeError(UsageError):
     """A recipe file or override is invalid; the message lists every problem with its key path."""
 
 
@@ -50,7 +51,7 @@ class CalibrationConfig(BaseModel):
     text_field: str = "text"
     nsamples: int = Field(128, ge=1)
     seqlen: int = Field(512, ge=2)
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # seeds torch and the sampler; negative seeds are refused, not folded
     batch_size: int = Field(8, ge=1)  # calibration sequences per forward pass
 
 

@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from .errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -17,7 +18,7 @@ _FIELD_FIX = "choose one with text_field=NAME (recipe key calibration.text_field
 _LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """A problem with calibration/evaluation data; the message names the problem and the fix."""
 
 

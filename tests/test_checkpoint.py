@@ -103,8 +103,14 @@ def test_refuses_non_empty_output_dir(tmp_path, tiny_tokenizer):
     with pytest.raises(CheckpointError, match="not empty; pass --overwrite"):
         save_pruned(model, tiny_tokenizer, out, plan)
     assert (out / "keep.txt").read_text() == "user data"
-    save_pruned(model, tiny_tokenizer, out, plan, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    with pytest.raises(CheckpointError, match="--overwrite only replaces a model directory"):
+        save_pruned(model, tiny_tokenizer, out, plan, overwrite=True)  # a folder of other files is never deleted
+    assert (out / "keep.txt").read_text() == "user data"
+    (out / "keep.txt").unlink()
+    save_pruned(model, tiny_tokenizer, out, plan)
+    (out / "extra.txt").write_text("stale")
+    save_pruned(model, tiny_tokenizer, out, plan, overwrite=True)  # a checkpoint is replaced as a whole
+    assert not (out / "extra.txt").exists() and (out / "config.json").exists()
 
 
 def test_failed_save_leaves_nothing_behind(tmp_path, tiny_tokenizer, monkeypatch):

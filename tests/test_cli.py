@@ -55,7 +55,7 @@ def test_plan_then_apply_equals_main_job(tmp_path, model_dir, capsys):
 
 @pytest.mark.parametrize("family_name", ["llama"])
 @pytest.mark.parametrize("args, message", [
-    (["--sparsity", "1.5"], "sparsity: must be in [0, 1)"),
+    (["--sparsity", "1.5"], "--sparsity (recipe key sparsity): must be in [0, 1)"),
     (["--set", "pruner.mpl=false"], "pruner.mpl: unknown key (did you mean 'mlp'?)"),
     (["--recipe", "nonexistent"], "unknown recipe 'nonexistent'"),
     (["--device", "cuda:3"], "CUDA is not available"),
@@ -102,11 +102,14 @@ def test_help_lists_every_flag_and_subcommand(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     text = capsys.readouterr().out
+    for sub in ("prune", "plan", "apply", "inspect", "eval", "bench", "push"):
+        assert f"\n    {sub}" in text, sub
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    text = capsys.readouterr().out
     for flag in ("--model", "--recipe", "--sparsity", "--calibration", "--nsamples", "--seqlen", "--seed",
-                 "--device", "--dtype", "--output", "--overwrite", "--set"):
+                 "--device", "--dtype", "--output", "--overwrite", "--set", "--hub-branch"):
         assert flag in text
-    for sub in ("plan", "apply", "inspect", "eval"):
-        assert f"\n  {sub}" in text
 
 
 @pytest.mark.parametrize("family_name", ["llama"])

@@ -305,4 +305,4 @@ def test_cli_refuses_two_targets(tmp_path, model_dir, capsys):
     assert "give one target" in capsys.readouterr().err and not out.exists()
     assert main(["--model", str(model_dir), "--recipe", "magnitude", "--target-sublayers", "0.25",
                  "-o", str(out)]) == 2
-    assert "pruner.target_sublayers: unknown key" in capsys.readouterr().err
+    assert "--target-sublayers is FinerCut's target" in capsys.readouterr().err

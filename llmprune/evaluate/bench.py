@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from ..errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,13 @@ class BenchSettings:
 
     def validate(self) -> None:
         if self.prompt_len < 1 or self.decode_tokens < 0:
-            raise ValueError("--prompt-len must be ≥ 1 and --decode-tokens ≥ 0")
+            raise UsageError("--prompt-len must be ≥ 1 and --decode-tokens ≥ 0")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
-            raise ValueError(f"--batch-sizes must be positive integers, got {list(self.batch_sizes)}")
+            raise UsageError(f"--batch-sizes must be positive integers, got {list(self.batch_sizes)}")
         if self.repeats < 1 or self.warmup < 0:
-            raise ValueError("--repeats must be ≥ 1 and --warmup ≥ 0")
+            raise UsageError("--repeats must be ≥ 1 and --warmup ≥ 0")
         if self.threads is not None and self.threads < 1:
-            raise ValueError(f"--threads must be ≥ 1, got {self.threads}")
+            raise UsageError(f"--threads must be ≥ 1, got {self.threads}")
 
 
 @dataclass

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import data
+from ..errors import UsageError
 
 
 @dataclass
@@ -41,12 +42,12 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int, batch_size: 
     if tokens.ndim != 1:
         raise ValueError(f"expected a 1-D token stream, got shape {tuple(tokens.shape)}")
     if seqlen < 2:
-        raise ValueError(f"seqlen must be at least 2, got {seqlen}")
+        raise UsageError(f"--seqlen must be at least 2 (a window predicts tokens 2..L), got {seqlen}")
     n_windows = tokens.numel() // seqlen
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
     if n_windows == 0:
-        raise ValueError(f"the evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}; "
+        raise UsageError(f"the evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}; "
                          f"lower --seqlen or use more text")
     device = next(model.parameters()).device
     windows = tokens[: n_windows * seqlen].view(n_windows, seqlen)

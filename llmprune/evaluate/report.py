@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import PRUNING_FILE, now_iso
+from ..errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ REPORT_MD = "report.md"
 REPORT_PNG = "report.png"
 
 
-class ReportError(ValueError):
+class ReportError(UsageError):
     pass
 
 

@@ -20,11 +20,12 @@ from ..checkpoint import PRUNING_FILE, CheckpointError
 from .perplexity import PerplexityResult
 from .report import environment, new_report
 from .tasks import TaskRequest, TaskScore, check_tasks, run_tasks
+from ..errors import UsageError
 
 log = logging.getLogger(__name__)
 
 
-class BaselineError(ValueError):
+class BaselineError(UsageError):
     """The baseline cannot be compared with the pruned model (different tokenizer or vocabulary)."""
 
 
@@ -64,10 +65,40 @@ def resolve_baseline(spec: str | None, checkpoint: str | Path | None) -> str | N
         raise BaselineError("--baseline base needs a checkpoint directory with pruning.json; pass a model id or "
                             "directory instead")
     doc = json.loads(doc_path.read_text())
+    ident = (doc.get("provenance") or {}).get("base")
+    if isinstance(ident, dict):
+        return _recorded_base(ident, doc_path)
     model = (doc.get("provenance") or {}).get("model_arg") or (doc.get("plan") or {}).get("base_model")
     if not model:
         raise BaselineError(f"{doc_path} does not record the base model; pass --baseline MODEL explicitly")
     return str(model)
+
+
+def _recorded_base(ident: dict[str, Any], doc_path: Path) -> str:
+    """The base model recorded by identity (absolute path, embedded name or Hub id), checked to be the same
+    model (config + weights fingerprint) so a moved or replaced folder is not silently compared against."""
+    from ..embedded import is_embedded, resolve_embedded
+    from ..identity import describe, identity_of, mismatch
+
+    name = ident.get("embedded")
+    if name and is_embedded(name):
+        path: str | None = str(resolve_embedded(name))
+        spec = name
+    elif ident.get("path"):
+        path = spec = ident["path"]
+    else:
+        if ident.get("commit"):
+            log.info("base model %s was pruned at commit %s; the baseline loads the current %s", ident.get("hub_id"),
+                     ident["commit"], ident.get("revision") or "main")
+        return str(ident.get("hub_id") or ident.get("model_arg"))
+    if not Path(path).is_dir():
+        raise BaselineError(f"the base model recorded in {doc_path}, {path}, no longer exists; pass --baseline "
+                            f"MODEL (the dense model this checkpoint was pruned from)")
+    differs = mismatch(ident, identity_of(path))
+    if differs:
+        raise BaselineError(f"{path} is no longer the model this checkpoint was pruned from ({differs} since; "
+                            f"recorded {describe(ident)}); pass --baseline MODEL with the original dense model")
+    return str(spec)
 
 
 def check_model_path(path: str) -> None:
@@ -91,7 +122,10 @@ def _baseline_config_and_tokenizer(spec: str) -> tuple[Any, Any]:
     from ..embedded import is_embedded, resolve_embedded
 
     path = str(resolve_embedded(spec)) if is_embedded(spec) else spec
-    check_model_path(path)
+    try:
+        check_model_path(path)
+    except CheckpointError as e:
+        raise BaselineError(f"baseline {spec!r}: " + str(e).replace("checkpoint directory ", "directory ")) from None
     try:
         return AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path)
     except OSError as e:
@@ -141,7 +175,7 @@ def _source_id(resolved: dict[str, Any]) -> str:
 def prepare(req: EvalRequest, config: Any, tokenizer: Any) -> Any:
     """Fail-fast checks before any model runs; returns the TaskManager (or None without tasks)."""
     if req.batch_size < 1:
-        raise ValueError(f"--batch-size must be ≥ 1, got {req.batch_size}")
+        raise UsageError(f"--batch-size must be ≥ 1, got {req.batch_size}")
     tm = check_tasks(req.tasks, req.include_paths) if req.tasks else None
     if req.baseline and not req.cached_baseline_only:
         check_baseline(config, tokenizer, req.baseline)

@@ -20,6 +20,7 @@ from ..families import family_for
 from .bench import BenchSettings, run_speed
 from .flops import ideal_speedups
 from .memory import CUDA_METHOD, cpu_peaks, cuda_peak
+from ..errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def bench_models(dense: nn.Module, pruned: nn.Module, settings: BenchSettings, *
     g_dense, hidden, vocab = model_shape(dense)
     g_pruned, hidden_p, vocab_p = model_shape(pruned)
     if (hidden, vocab) != (hidden_p, vocab_p):
-        raise ValueError(f"dense and pruned models differ in hidden size / vocabulary ({hidden}/{vocab} vs "
+        raise UsageError(f"dense and pruned models differ in hidden size / vocabulary ({hidden}/{vocab} vs "
                          f"{hidden_p}/{vocab_p}): not a dense/pruned pair")
     ideal = ideal_speedups(g_dense, g_pruned, hidden, vocab, settings.prompt_len, settings.decode_tokens)
     device = next(pruned.parameters()).device

@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 from torch import nn
+from ..errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ _LIST_KEYS = {"name", "description", "num_fewshot", "limit", "metric_preference"
 _ITEM_KEYS = {"task", "num_fewshot", "limit", "metric"}
 
 
-class TaskError(ValueError):
+class TaskError(UsageError):
     """An unknown task or a malformed task list; the message says how to find valid names."""
 
 

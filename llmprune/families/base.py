@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from ..errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -210,5 +211,5 @@ class Family(Protocol):
         ...
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UsageError):
     """The model's architecture has no llmprune family."""

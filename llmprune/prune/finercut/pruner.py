@@ -40,6 +40,7 @@ from .divergence import finalize
 from .reference import ReferenceSearch
 from .residual_stream import ResidualStream
 from .search import ExactSearch, FastSearch, Searcher
+from ...errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 def plan_finercut(ctx: PruneContext, cfg: FinerCutConfig) -> Plan:
     tokens = ctx.require_tokens()
     if ctx.offload:
-        raise ValueError("finercut runs every block many times and keeps the model on its device; "
+        raise UsageError("finercut runs every block many times and keeps the model on its device; "
                          "--offload is not supported (use a device with room for the model)")
     geometry = ctx.geometry
     candidates = build_candidates(geometry, cfg.candidates)
@@ -121,11 +122,11 @@ def plan_at(plan: Plan, fraction: float) -> Plan:
     info = plan.extras.get("finercut") or {}
     order = plan.extras.get("removal_order")
     if order is None or "n_candidates" not in info:
-        raise ValueError("not a FinerCut plan: it has no removal_order")
+        raise UsageError("not a FinerCut plan: it has no removal_order")
     steps = math.floor(fraction * info["n_candidates"])
     have = max((e.get("step", 0) for e in order), default=0)
     if steps > have:
-        raise ValueError(f"the plan's removal order has {have} steps; a fraction of {fraction} needs {steps}")
+        raise UsageError(f"the plan's removal order has {have} steps; a fraction of {fraction} needs {steps}")
     prefix = [e for e in order if e["step"] <= steps]
     out = sublayer_plan(plan.geometry, {(e["layer"], e["sublayer"]) for e in prefix})
     out.extras = {"removal_order": prefix}

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 import torch
 
 from ...families.base import Geometry
+from ...errors import UsageError
 
 
-class BudgetError(ValueError):
+class BudgetError(UsageError):
     """The requested sparsity cannot be reached with the units this pruner may remove."""
 
 
