@@ -5,16 +5,26 @@ Indices always refer to the *base* model's layers and units:
 - FFN: channels 0..m-1 (rows of gate/up, columns of down).
 Compensation (FLAP-style bias) is stored as the calibration means of the removed input channels of
 o_proj / down_proj, in ascending channel order, so `apply` can rebuild the bias from the base weights.
+
+Reconstructed weights (least-squares refit / OBS, docs/reconstruction.md) are the one thing that
+cannot be JSON: they travel in `Plan.tensors`, a side-car keyed `L{i}.attn.o.weight` [hidden, kept
+o_proj inputs, in surgery's order], `L{i}.attn.o.bias` [hidden], `L{i}.mlp.down.weight`
+[hidden, kept channels], `L{i}.mlp.down.bias` [hidden]. The JSON lists their names and shapes
+(`tensors`); `save` writes them to `<plan>.safetensors` beside the JSON and `load` reads them back.
+Surgery applies them after slicing (it stays the only code that writes weights).
 """
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .families.base import Geometry
 from .errors import UsageError
+
+TENSOR_KEYS = ("attn.o.weight", "attn.o.bias", "mlp.down.weight", "mlp.down.bias")
 
 PLAN_FORMAT = "llmprune.plan"
 PLAN_VERSION = 1
@@ -67,6 +77,10 @@ class Plan:
     family: str = "llama"
     recipe: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)  # method-specific report (e.g. removal_order)
+    # Reconstructed o_proj / down_proj weights and biases (torch tensors; see the module docstring).
+    tensors: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # Names and shapes of the side-car tensors a loaded plan expects (from its JSON).
+    tensor_manifest: dict[str, list[int]] = field(default_factory=dict, repr=False, compare=False)
 
     # ---- construction -----------------------------------------------------------------------------
     @classmethod
@@ -76,7 +90,14 @@ class Plan:
     # ---- derived shapes ----------------------------------------------------------------------------
     def geometry_after(self) -> list[Geometry]:
         """Geometry of every base layer after the plan (removed blocks included, with nothing left)."""
-        return [_after(g, lp) for g, lp in zip(self.geometry, self.layers)]
+        out = [_after(g, lp) for g, lp in zip(self.geometry, self.layers)]
+        names = set(self.tensors) | set(self.tensor_manifest)
+        for i, g in enumerate(out):  # a refit bias makes a module gain a bias, like compensation
+            if f"L{i}.attn.o.bias" in names and g.has_attn and not g.o_bias:
+                out[i] = g = g.with_(o_bias=True)
+            if f"L{i}.mlp.down.bias" in names and g.has_mlp and not g.down_bias:
+                out[i] = g.with_(down_bias=True)
+        return out
 
     def kept_layers(self) -> list[int]:
         return [i for i, lp in enumerate(self.layers) if not lp.removed]
@@ -108,6 +129,7 @@ class Plan:
         for i, (g, lp) in enumerate(zip(geometry, self.layers)):
             _validate_attn(i, g, lp.attn)
             _validate_mlp(i, g, lp.mlp)
+        _validate_tensors(self)
 
     # ---- JSON --------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -125,7 +147,13 @@ class Plan:
             "layers": [_layer_to_dict(lp) for lp in self.layers],
             "recipe": self.recipe,
             "extras": self.extras,
-        }
+        } | ({"tensors": self.manifest()} if self.tensors or self.tensor_manifest else {})
+
+    def manifest(self) -> dict[str, list[int]]:
+        """Name -> shape of every side-car tensor (what the JSON records)."""
+        if self.tensors:
+            return {k: list(self.tensors[k].shape) for k in sorted(self.tensors)}
+        return dict(self.tensor_manifest)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
@@ -146,12 +174,18 @@ class Plan:
         plan = cls(layers=layers, geometry=geometry, method=d.get("method", "manual"),
                    base_model=d.get("base_model"), base_revision=d.get("base_revision"),
                    base_identity=ident if isinstance(ident, dict) else None,
-                   family=d.get("family", "llama"), recipe=d.get("recipe") or {}, extras=d.get("extras") or {})
+                   family=d.get("family", "llama"), recipe=d.get("recipe") or {}, extras=d.get("extras") or {},
+                   tensor_manifest={k: list(v) for k, v in (d.get("tensors") or {}).items()})
         plan.validate()
         return plan
 
     def save(self, path: str | Path) -> None:
+        """Write the JSON; reconstructed tensors (if any) go to `<path without suffix>.safetensors` beside it."""
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        if self.tensors:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}, str(sidecar_path(path)))
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
@@ -168,9 +202,20 @@ class Plan:
             raise PlanError(f"{p} is not valid JSON ({e}); it may be truncated. Re-create it with `llmprune plan`") \
                 from None
         try:
-            return cls.from_dict(d["plan"] if isinstance(d, dict) and isinstance(d.get("plan"), dict) else d)
+            plan = cls.from_dict(d["plan"] if isinstance(d, dict) and isinstance(d.get("plan"), dict) else d)
         except PlanError as e:
             raise PlanError(f"{p}: {e}") from None
+        side = sidecar_path(p)
+        if plan.tensor_manifest and side.exists():  # absent in a checkpoint: its weights already hold them
+            from safetensors.torch import load_file
+
+            plan.tensors = load_file(str(side))
+            _validate_tensors(plan)
+        return plan
+
+    def missing_tensors(self) -> list[str]:
+        """Side-car tensors the JSON lists but this plan does not hold (apply needs them)."""
+        return [k for k in self.tensor_manifest if k not in self.tensors]
 
     # ---- human summary -----------------------------------------------------------------------------
     def summary(self) -> str:
@@ -186,6 +231,33 @@ class Plan:
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
+def sidecar_path(plan_path: str | Path) -> Path:
+    """Where a plan's reconstructed tensors live: plan.json -> plan.safetensors."""
+    return Path(plan_path).with_suffix(".safetensors")
+
+
+def _validate_tensors(plan: Plan) -> None:
+    """Every side-car tensor names a partly pruned o_proj / down_proj and has its shape after slicing."""
+    pat = re.compile(r"^L(\d+)\.(attn\.o|mlp\.down)\.(weight|bias)$")
+    for name, shape in plan.manifest().items():
+        m = pat.match(name)
+        if m is None or int(m.group(1)) >= len(plan.layers):
+            raise PlanError(f"plan tensor {name!r} is not one of L<i>.{{{', '.join(TENSOR_KEYS)}}}")
+        i, mod, kind = int(m.group(1)), m.group(2), m.group(3)
+        g, lp = plan.geometry[i], plan.layers[i]
+        if mod == "attn.o":
+            if lp.attn.drop or lp.attn.is_identity():
+                raise PlanError(f"plan tensor {name}: layer {i} attention is not partly pruned")
+            kept = len(attn_kept_channels(g, lp.attn))
+        else:
+            if lp.mlp.drop or lp.mlp.is_identity():
+                raise PlanError(f"plan tensor {name}: layer {i} FFN is not partly pruned")
+            kept = len(lp.mlp.keep_channels)
+        want = [g.hidden, kept] if kind == "weight" else [g.hidden]
+        if list(shape) != want:
+            raise PlanError(f"plan tensor {name} has shape {list(shape)}, expected {want}")
+
+
 def sublayer_plan(geometry: list[Geometry], gone: set[tuple[int, str]], method: str = "finercut") -> Plan:
     """A Plan dropping the (layer, "attn" | "mlp") sublayers in `gone`, and those the model already lacks."""
     plan = Plan.identity(geometry, method=method)

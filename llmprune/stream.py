@@ -364,7 +364,7 @@ def _pruned_block(loaded: Loaded, loader: StreamLoader, plan: Plan, old: int,
         here = f"{loader.prefix}.{old}."
         state = {here + k: v for k, v in block.module.state_dict().items()}
         names = {id(p): here + n for n, p in block.module.named_parameters()}
-        surgery.slice_block(state, names, block, plan.geometry[old], plan.layers[old])
+        surgery.slice_block(state, names, block, plan.geometry[old], plan.layers[old], plan.tensors, old)
         there = f"{loader.prefix}.{new}."
         return [(there + k[len(here):], v.to("cpu")) for k, v in state.items()]
 

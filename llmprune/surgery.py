@@ -1,9 +1,11 @@
 """The only code that edits weights: apply a Plan, or simulate it without editing anything.
 
 `apply` slices the base tensors (q/k/v/gate/up rows — the matching row blocks of fused projections —,
-o/down columns, whole-projection q/k norm weights), adds FLAP-style bias compensation, drops removed
-sublayers' tensors (their norms included), renumbers fully removed blocks away, and loads the result
-into the target architecture (the stock class when the result is uniform, the family's `llmprune_*`
+o/down columns, whole-projection q/k norm weights), adds FLAP-style bias compensation, puts the plan's
+reconstructed o_proj / down_proj weights and biases (`plan.tensors`, least squares / OBS) in place of
+the sliced ones, drops removed sublayers' tensors (their norms included), renumbers fully removed
+blocks away, and loads the result into the target architecture (the stock class when the result is
+uniform, the family's `llmprune_*`
 otherwise). Unchanged tensors are shared with the input model, not copied.
 """
 from __future__ import annotations
@@ -30,11 +32,14 @@ def apply(model: nn.Module, plan: Plan, family: Family | None = None) -> nn.Modu
     """Return the pruned model described by `plan`. The input model is left unchanged."""
     family = family or family_for(model.config)
     plan.validate(family.geometry(model))
+    if plan.missing_tensors():
+        raise ValueError(f"the plan lists reconstructed tensors it does not hold ({plan.missing_tensors()[:3]}...): "
+                         "keep plan.safetensors beside the plan JSON (llmprune plan writes both)")
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     state = dict(model.state_dict(keep_vars=False))
     after = plan.geometry_after()
     for i, (g, lp) in enumerate(zip(plan.geometry, plan.layers)):
-        slice_block(state, names, family.block(model, i), g, lp)
+        slice_block(state, names, family.block(model, i), g, lp, plan.tensors, i)
     kept = plan.kept_layers()
     state = _renumber(state, model, family, kept)
     config = family.target_config(model, [after[i] for i in kept], kept)
@@ -42,20 +47,24 @@ def apply(model: nn.Module, plan: Plan, family: Family | None = None) -> nn.Modu
 
 
 def slice_block(state: dict[str, torch.Tensor], names: dict[int, str], block: BlockView, g: Geometry,
-                lp: LayerPlan) -> None:
+                lp: LayerPlan, tensors: dict[str, torch.Tensor] | None = None, layer: int = 0) -> None:
     """Edit `state` (tensor name -> tensor) as the layer plan `lp` says for one block: sliced q/k/v/gate/up
-    rows and o/down columns, compensation biases, removed sublayers' tensors dropped. `names` maps
+    rows and o/down columns, compensation biases, removed sublayers' tensors dropped, and the plan's
+    reconstructed o/down weights (`tensors`, keys `L{layer}.attn.o.weight` ...) put in place. `names` maps
     id(parameter) -> its name in `state`. Used for the whole model (`apply`) and block by block (stream.py)."""
+    tensors = tensors or {}
     if block.attn is not None:
         if lp.attn.drop:
             _forget(state, names, [block.attn.module, *block.attn.norms()])
         elif not lp.attn.is_identity() or lp.attn.compensate is not None:
             _slice_attention(state, names, block, g, lp.attn)
+            _adopt(state, names, block.attn.o, tensors, f"L{layer}.attn.o")
     if block.mlp is not None:
         if lp.mlp.drop:
             _forget(state, names, [block.mlp.module, *block.mlp.norms()])
         elif not lp.mlp.is_identity() or lp.mlp.compensate is not None:
             _slice_mlp(state, names, block, g, lp.mlp)
+            _adopt(state, names, block.mlp.down, tensors, f"L{layer}.mlp.down")
 
 
 def _name(names: dict[int, str], p: torch.Tensor) -> str:
@@ -80,6 +89,15 @@ def _compensation(linear: nn.Linear, removed: list[int], means: list[float]) -> 
     if linear.bias is not None:
         bias = bias + linear.bias.double()
     return bias.to(w.dtype)
+
+
+def _adopt(state: dict, names: dict, linear: nn.Linear, tensors: dict[str, torch.Tensor], key: str) -> None:
+    """Replace a sliced linear's weight / bias by the plan's reconstructed ones (cast to the model's dtype)."""
+    w = linear.weight
+    if f"{key}.weight" in tensors:
+        state[_name(names, w)] = tensors[f"{key}.weight"].to(device=w.device, dtype=w.dtype).contiguous()
+    if f"{key}.bias" in tensors:
+        state[_bias_name(names, linear)] = tensors[f"{key}.bias"].to(device=w.device, dtype=w.dtype).contiguous()
 
 
 def _slice_attention(state: dict, names: dict, block: BlockView, g: Geometry, a: AttnPlan) -> None:
@@ -172,7 +190,9 @@ def simulate(model: nn.Module, plan: Plan, family: Family | None = None) -> Iter
 
     Dropped sublayers return zeros (and are not computed); removed input channels of o_proj /
     down_proj are zeroed, or set to their calibration mean when the plan compensates — which is
-    exactly what the compensation bias stands for. Meant for full-sequence scoring: a dropped
+    exactly what the compensation bias stands for. Where the plan carries reconstructed weights,
+    o_proj / down_proj compute with them on their kept inputs instead (a forward override, the
+    module's own tensors untouched). Meant for full-sequence scoring: a dropped
     attention sublayer writes nothing into a KV cache.
     """
     family = family or family_for(model.config)
@@ -186,12 +206,17 @@ def simulate(model: nn.Module, plan: Plan, family: Family | None = None) -> Iter
                     undo.append(_silence(block.attn.module, returns_tuple=True))
                 elif not lp.attn.is_identity():
                     kept = attn_kept_channels(g, lp.attn)
-                    removed = removed_indices(kept, g.n_q_heads * g.head_dim)
-                    undo.append(_mask_inputs(block.attn.o, removed, lp.attn.compensate))
+                    if f"L{i}.attn.o.weight" in plan.tensors:  # reconstructed o_proj on the kept inputs
+                        undo.append(_refit_forward(block.attn.o, kept, plan.tensors, f"L{i}.attn.o"))
+                    else:
+                        removed = removed_indices(kept, g.n_q_heads * g.head_dim)
+                        undo.append(_mask_inputs(block.attn.o, removed, lp.attn.compensate))
                     undo += _restrict_qk_norms(block, g, lp.attn, kept)
             if block.mlp is not None:
                 if lp.mlp.drop:
                     undo.append(_silence(block.mlp.module, returns_tuple=False))
+                elif f"L{i}.mlp.down.weight" in plan.tensors:
+                    undo.append(_refit_forward(block.mlp.down, lp.mlp.keep_channels, plan.tensors, f"L{i}.mlp.down"))
                 elif not lp.mlp.is_identity():
                     removed = removed_indices(lp.mlp.keep_channels, g.intermediate)
                     undo.append(_mask_inputs(block.mlp.down, removed, lp.mlp.compensate))
@@ -248,6 +273,25 @@ def _silence(module: nn.Module, returns_tuple: bool) -> Any:
 
     def restore() -> None:
         del module.forward
+
+    return restore
+
+
+def _refit_forward(linear: nn.Linear, kept: list[int], tensors: dict[str, torch.Tensor], key: str) -> Any:
+    """Make `linear` compute y = W'·x[kept] + b' with the plan's reconstructed W' [out, kept], b' [out]."""
+    dev, dt = linear.weight.device, linear.weight.dtype
+    idx = torch.tensor(kept, dtype=torch.long, device=dev)
+    w = tensors[f"{key}.weight"].to(device=dev, dtype=dt)
+    b = tensors.get(f"{key}.bias")
+    b = linear.bias if b is None else b.to(device=dev, dtype=dt)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x.index_select(-1, idx), w, b)
+
+    linear.forward = forward
+
+    def restore() -> None:
+        del linear.forward
 
     return restore
 

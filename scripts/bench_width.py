@@ -9,6 +9,8 @@ plus the `faithful` variants of FLAP and CFSP). Each row runs in a fresh Python 
 resident memory (ru_maxrss, read right after pruning: load + calibration + planning + surgery) is
 its own; on CUDA the peak allocated device memory is reported too.
 Table 2: perplexity of every pruner × allocation (uniform, global, coarse_to_fine, owl).
+Table 3 (`--recon`): every pruner × {reconstruct none, ls} × {uniform, coarse_to_fine, search}, and
+the `obs` recipe × the same allocations: perplexity, pruning time, peak RSS (docs/reconstruction.md).
 
 Calibration text is the `python-docs` train split, evaluation its test split (disjoint topics);
 perplexity is corpus perplexity over non-overlapping windows (see llmprune.evaluate.perplexity).
@@ -41,6 +43,8 @@ METHODS = {  # row name -> (recipe, overrides)
 DEFAULT_METHODS = ["magnitude", "flap", "flap-faithful", "wanda-sp", "cfsp", "cfsp-faithful"]
 ALLOCATIONS = ("uniform", "global", "coarse_to_fine", "owl")
 MATRIX_PRUNERS = ("magnitude", "flap", "wanda-sp", "cfsp")
+RECON_PRUNERS = ("magnitude", "flap", "wanda-sp", "cfsp", "obs")
+RECON_ALLOCATIONS = ("uniform", "coarse_to_fine", "search")
 
 
 def allocation_overrides(pruner: str, allocation: str) -> dict[str, Any]:
@@ -51,7 +55,43 @@ def allocation_overrides(pruner: str, allocation: str) -> dict[str, Any]:
 
 
 def recipe_default_allocation(pruner: str) -> str:
-    return {"magnitude": "uniform", "flap": "global", "wanda-sp": "uniform", "cfsp": "coarse_to_fine"}[pruner]
+    return {"magnitude": "uniform", "flap": "global", "wanda-sp": "uniform", "cfsp": "coarse_to_fine",
+            "obs": "uniform"}[pruner]
+
+
+def recon_jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Table 3's rows: (pruner, reconstruct, allocation, sparsity) with their recipe overrides."""
+    search = {"pruner.search.generations": args.search_generations, "pruner.search.offspring": args.search_offspring,
+              "pruner.search.samples": args.search_samples, "pruner.search.population": args.search_population}
+    jobs = []
+    for s in args.sparsities:
+        for p in args.recon_pruners:
+            for rc in (("ls",) if p == "obs" else args.recon_modes):
+                for a in args.recon_allocations:
+                    ov = {**allocation_overrides(p, a), **(search if a == "search" else {})}
+                    if p != "obs":
+                        ov["pruner.reconstruct"] = rc
+                    if args.rows and f"{p}/{rc}/{a}" not in args.rows:
+                        continue
+                    jobs.append({"name": f"{p}/{rc}/{a}", "recipe": p, "overrides": ov, "sparsity": s,
+                                 "pruner": p, "reconstruct": rc, "allocation": a})
+    return jobs
+
+
+def fmt_recon(rows: list[dict[str, Any]], sparsity: float, allocations: list[str]) -> str:
+    """Rows pruner / reconstruct, columns allocation; cells `ppl (prune s, peak RSS MB)`."""
+    lines = [f"sparsity {sparsity:.0%}: perplexity (pruning s, peak RSS MB)",
+             "| pruner | reconstruct | " + " | ".join(allocations) + " |", "|---|---|" + "---|" * len(allocations)]
+    cells: dict[tuple[str, str], dict[str, str]] = {}
+    for r in rows:
+        if r.get("sparsity_target") != sparsity:
+            continue
+        c = cells.setdefault((r["pruner"], r["reconstruct"]), {})
+        c[r["allocation"]] = ("error" if "error" in r else
+                              f"{r['ppl']:.2f} ({r['prune_s']:.0f} s, {r['peak_rss_mb']:.0f})")
+    for (p, rc), c in cells.items():
+        lines.append(f"| {p} | {rc} | " + " | ".join(c.get(a, "") for a in allocations) + " |")
+    return "\n".join(lines)
 
 
 # ---- one measurement (runs in the worker process) ---------------------------------------------------
@@ -67,6 +107,8 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     eval_ids, _ = data.eval_tokens(loaded.tokenizer, job["eval_data"], split="test")
     total_before = api.count_params(loaded.model)
     out: dict[str, Any] = {"name": job["name"], "sparsity_target": job.get("sparsity")}
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
     model = loaded.model
     t0 = time.perf_counter()
     if job.get("recipe"):
@@ -84,6 +126,8 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
         out["linear_sparsity"] = plan.sparsity()
         out["linear_params"] = plan.params_after()
         out["linear_before"] = plan.params_before()
+        if "search" in plan.extras:
+            out["search"] = {k: plan.extras["search"][k] for k in ("kl_centre", "kl_best", "generations")}
     else:
         geo = loaded.family.geometry(model)
         out["linear_sparsity"] = 0.0
@@ -158,6 +202,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-matrix", action="store_true", help="skip the pruner x allocation table")
     ap.add_argument("--matrix-pruners", nargs="+", default=list(MATRIX_PRUNERS), choices=list(MATRIX_PRUNERS))
     ap.add_argument("--allocations", nargs="+", default=list(ALLOCATIONS), choices=list(ALLOCATIONS))
+    ap.add_argument("--recon", action="store_true", help="only table 3: reconstruction / OBS / search rows")
+    ap.add_argument("--recon-pruners", nargs="+", default=list(RECON_PRUNERS), choices=list(RECON_PRUNERS))
+    ap.add_argument("--recon-modes", nargs="+", default=["none", "ls"], choices=["none", "ls"])
+    ap.add_argument("--recon-allocations", nargs="+", default=list(RECON_ALLOCATIONS), choices=list(RECON_ALLOCATIONS))
+    ap.add_argument("--rows", nargs="+", default=None, help="only these table-3 rows, e.g. flap/ls/coarse_to_fine")
+    ap.add_argument("--skip-dense", action="store_true", help="do not measure the dense model")
+    ap.add_argument("--search-generations", type=int, default=10)
+    ap.add_argument("--search-offspring", type=int, default=8)
+    ap.add_argument("--search-population", type=int, default=3)
+    ap.add_argument("--search-samples", type=int, default=4)
     ap.add_argument("--json", type=Path, default=None, help="also write all results here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -171,8 +225,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {args.model}; calibration {args.calib_data} train {args.nsamples}x{args.seqlen}; "
           f"evaluation {args.eval_data} test {args.eval_windows}x{args.eval_seqlen}; device {args.device} {args.dtype}",
           flush=True)
-    rows = [run_worker({**base, "name": "dense"})]
+    rows = [] if args.skip_dense else [run_worker({**base, "name": "dense"})]
     print(fmt_table(rows[-1:]), flush=True)
+    if args.recon:
+        done = []
+        for job in recon_jobs(args):
+            r = {**run_worker({**base, **job}), **{k: job[k] for k in ("pruner", "reconstruct", "allocation")}}
+            done.append(r)
+            print(fmt_table([r]).splitlines()[-1], flush=True)
+            if args.json:  # written after every row: partial results survive an interrupted run
+                args.json.write_text(json.dumps({"settings": base, "dense": rows[0] if rows else None, "recon": done}, indent=1))
+        for s in args.sparsities:
+            print("\n" + fmt_recon(done, s, args.recon_allocations) + "\n", flush=True)
+        return 0
     matrix: dict[tuple[str, str, float], float | str] = {}
     for s in args.sparsities:
         for name in args.methods:

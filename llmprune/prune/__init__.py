@@ -10,8 +10,8 @@ from pydantic import BaseModel
 from ..plan import Plan
 from .context import PruneContext
 from .finercut import FinerCutConfig, finercut_artifacts, plan_finercut
-from .width import (CfspConfig, FlapConfig, MagnitudeConfig, WandaSpConfig, plan_cfsp, plan_flap, plan_from_keeps,
-                    plan_magnitude, plan_wanda_sp)
+from .width import (CfspConfig, FlapConfig, MagnitudeConfig, ObsConfig, WandaSpConfig, plan_cfsp, plan_flap,
+                    plan_from_keeps, plan_magnitude, plan_obs, plan_wanda_sp)
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,8 @@ PRUNERS: dict[str, PrunerSpec] = {
                            summary="|W|·‖X‖ per channel, layer by layer on pruned outputs, uniform per layer"),
     "cfsp": PrunerSpec("cfsp", CfspConfig, plan_cfsp, needs_calibration=True,
                        summary="per-layer budgets from block importance, relative-importance channel score"),
+    "obs": PrunerSpec("obs", ObsConfig, plan_obs, needs_calibration=True,
+                      summary="structured Optimal Brain Surgeon: greedy removal with weight updates, least-squares refit"),
     "finercut": PrunerSpec("finercut", FinerCutConfig, plan_finercut, needs_calibration=True,
                            summary="greedy removal of attention/FFN sublayers by output divergence (FinerCut)",
                            artifacts=finercut_artifacts),

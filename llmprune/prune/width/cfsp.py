@@ -38,7 +38,7 @@ CFSP_TOKENS = 128 * 1024  # the released calibration size, where its 1e4 equals 
 
 
 class CfspConfig(DataWidthOptions):
-    allocation: Literal["uniform", "global", "coarse_to_fine", "owl"] = "coarse_to_fine"
+    allocation: Literal["uniform", "global", "coarse_to_fine", "owl", "search"] = "coarse_to_fine"
     b: float = Field(1.0, ge=0)  # exponent of the activation norm inside the o_proj / down_proj term
     c: float = Field(1.0, ge=0)  # exponent of the activation norm multiplying the score
     faithful: bool = False

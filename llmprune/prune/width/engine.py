@@ -11,6 +11,11 @@ through the pruned earlier layers. The allocation still needs all layers at once
 first — on dense statistics (for global / coarse_to_fine / owl) or from the geometry alone
 (uniform) — and fixes each layer's size; the sequential pass then picks *which* units fill that
 size from the propagated statistics.
+
+Reconstruction (`reconstruct: ls`, reconstruct.py) refits each partly pruned o_proj / down_proj by
+least squares after its units are chosen, on inputs that went through the already pruned and
+reconstructed layers; `allocation: search` (search.py) replaces the allocation by an evolutionary
+search over per-layer levels.
 """
 from __future__ import annotations
 
@@ -26,10 +31,10 @@ from ...calibrate import BlockWalker, Stats, calibrate, record, site_modules, si
 from ..context import PruneContext
 from ...families.base import BlockView, Geometry
 from ...plan import Plan
-from ...surgery import simulate
 from .allocate import (LayerKeep, LayerUnits, Rules, coarse_to_fine, global_threshold, keep_shape, outlier_ratio, owl,
                        shape_of, uniform)
 from .keeps import plan_from_keeps
+from .reconstruct import WalkOptions, walk_layers
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +58,21 @@ class OwlOptions(BaseModel):
     m: float = Field(5.0, gt=0)  # an outlier is |W_ij|·‖X_j‖ above m × the layer's mean
 
 
+class SearchOptions(BaseModel):
+    """`allocation: search`: evolutionary search of per-layer levels (EvoPress / Týr-the-Pruner style)."""
+
+    model_config = ConfigDict(extra="forbid")
+    levels: int = Field(4, ge=1, le=16)  # ladder: centre ± this many steps per module
+    ffn_step: float = Field(0.05, gt=0, lt=1)  # one FFN level = this fraction of the layer's FFN width
+    generations: int = Field(20, ge=0)
+    offspring: int = Field(16, ge=1)  # children of the parent per generation
+    population: int = Field(4, ge=1)  # survivors of the cheap first stage, re-scored on all fitness tokens
+    samples: int = Field(4, ge=1)  # calibration sequences the KL fitness uses (the first ones)
+    first_stage_samples: int = Field(1, ge=1)  # ... and the cheap first stage
+    max_flips: int = Field(4, ge=1)  # level swaps per mutation: min(U{1..max}, U{1..max})
+    time_limit_s: float | None = Field(None, gt=0)  # stop searching after this wall time
+
+
 class WidthOptions(BaseModel):
     """Options every width pruner accepts (recipe section `pruner:`)."""
 
@@ -60,24 +80,37 @@ class WidthOptions(BaseModel):
     attention: bool = True  # remove KV groups (a KV head and its query heads)
     mlp: bool = True  # remove FFN channels
     query_heads: bool = False  # also remove query heads inside KV groups (the same number in every group)
-    allocation: Literal["uniform", "global", "coarse_to_fine", "owl"] = "uniform"
+    allocation: Literal["uniform", "global", "coarse_to_fine", "owl", "search"] = "uniform"
     round_to: int = Field(1, ge=1)  # kept FFN widths multiples of this (8 / 64 / 128 / 256 suit GPU kernels)
     compensate: bool = False  # replace removed o_proj / down_proj inputs by a bias of their calibration means
     coarse_to_fine: CoarseToFineOptions = Field(default_factory=CoarseToFineOptions)
     owl: OwlOptions = Field(default_factory=OwlOptions)
+    # least squares: refit kept o_proj / down_proj columns and bias to the dense outputs (docs/reconstruction.md)
+    reconstruct: Literal["none", "ls"] = "none"
+    damp: float = Field(0.01, ge=0)  # ridge λ = damp · mean(diag H) of the reconstruction
+    hessian_dtype: Literal["float64", "float32"] = "float64"  # float32 halves H's memory (8B down_proj: 0.8 GB)
+    search: SearchOptions = Field(default_factory=SearchOptions)
 
     @model_validator(mode="after")
     def _something_to_prune(self) -> WidthOptions:
         if not (self.attention or self.mlp):
             raise ValueError("attention and mlp are both false: nothing would be pruned; enable at least one")
+        if self.allocation == "search" and self.query_heads:
+            raise ValueError("allocation: search varies whole KV groups; set query_heads: false")
         return self
 
     def rules(self) -> Rules:
-        return Rules(query_heads=self.query_heads, compensate=self.compensate, round_to=self.round_to)
+        # a refit (like compensation) gives partly pruned o_proj / down_proj a bias: counted in the budget
+        return Rules(query_heads=self.query_heads, compensate=self.compensate or self.reconstruct != "none",
+                     round_to=self.round_to)
+
+    def walk_options(self) -> WalkOptions:
+        return WalkOptions(refit=self.reconstruct == "ls", damp=self.damp, compensate=self.compensate,
+                           hessian_dtype=getattr(torch, self.hessian_dtype))
 
     def needs_data(self) -> bool:
         """Whether calibration text is needed beyond what the score itself uses."""
-        return self.compensate or self.allocation in ("coarse_to_fine", "owl")
+        return self.compensate or self.allocation in ("coarse_to_fine", "owl", "search") or self.reconstruct != "none"
 
 
 class DataWidthOptions(WidthOptions):
@@ -178,51 +211,70 @@ def _dense_units(ctx: PruneContext, opts: WidthOptions, score: ScoreFn, sites: s
     return stats, units
 
 
+class ScoreSelector:
+    """Picks a layer's best-scoring units for a given size (the selection every scorer shares)."""
+
+    needs_gram = False  # chooses from score statistics, not from second moments
+
+    def __init__(self, ctx: PruneContext, opts: WidthOptions, score: ScoreFn):
+        self.ctx, self.opts, self.score = ctx, opts, score
+
+    def attn(self, i: int, block: BlockView, g: Geometry, stats: Stats | None, h: torch.Tensor | None,
+             shape: tuple[int, int] | None) -> LayerKeep:
+        return keep_shape(_units(self.ctx, self.opts, self.score, stats, i), shape, None)
+
+    def mlp(self, i: int, block: BlockView, g: Geometry, stats: Stats | None, h: torch.Tensor | None,
+            width: int | None) -> LayerKeep:
+        return keep_shape(_units(self.ctx, self.opts, self.score, stats, i), None, width)
+
+
 def plan_width(ctx: PruneContext, opts: WidthOptions, score: ScoreFn, score_sites: tuple[str, ...], method: str,
-               allocator: Allocator | None = None) -> Plan:
-    """Score, allocate and select; return the Plan. `allocator` replaces the options' allocation (FLAP structures)."""
+               allocator: Allocator | None = None, selector: object | None = None) -> Plan:
+    """Score, allocate and select; return the Plan. `allocator` replaces the options' allocation (FLAP
+    structures); `selector` replaces the choice of units inside a layer (OBS; forces the layer walk)."""
     def run_allocation(units: list[LayerUnits], stats: Stats | None) -> list[LayerKeep]:
         return allocator(units, stats) if allocator is not None else allocate(ctx, units, opts, stats)
 
+    selector = selector or ScoreSelector(ctx, opts, score)
     own = set(score_sites) | (set(MEAN_SITES) if opts.compensate else set())
+    if opts.allocation == "search":
+        from .search import plan_search
+
+        return plan_search(ctx, opts, selector, own, method)
     sites = own | signal_sites(opts)
-    sequential = bool(getattr(opts, "sequential", False))
+    sequential = bool(getattr(opts, "sequential", False)) or selector.needs_gram
     if not sequential:
         stats, units = _dense_units(ctx, opts, score, sites)
         keeps = run_allocation(units, stats)
-        return plan_from_keeps(ctx.geometry, keeps, method, stats=stats, compensate=opts.compensate)
+        if opts.reconstruct == "none":
+            return plan_from_keeps(ctx.geometry, keeps, method, stats=stats, compensate=opts.compensate)
+        # the selection stands; the refit walks the layers on the pruned-so-far model
+        return walk_layers(ctx, lambda i, *_: keeps[i], lambda i, *_: keeps[i], set(), opts.walk_options(), method,
+                           desc="reconstructing")
     if allocator is None and opts.allocation == "uniform":  # sizes follow from the geometry alone
-        blank = [LayerUnits(g, attn=torch.zeros(g.n_q_heads * g.head_dim) if opts.attention and g.has_attn else None,
-                            mlp=torch.zeros(g.intermediate) if opts.mlp and g.has_mlp else None)
-                 for g in ctx.geometry]
-        sizes = run_allocation(blank, None)
+        sizes = run_allocation(blank_units(ctx, opts), None)
     else:  # sizes from a dense pass, as the non-sequential pruner would choose them
         dense, units = _dense_units(ctx, opts, score, sites)
         sizes = run_allocation(units, dense)
-    return _sequential(ctx, opts, score, own, sizes, method)
+    return _sequential(ctx, opts, selector, own, sizes, method)
 
 
-@torch.no_grad()
-def _sequential(ctx: PruneContext, opts: WidthOptions, score: ScoreFn, sites: set[str], sizes: list[LayerKeep],
-                method: str) -> Plan:
-    """Choose each layer's units on inputs propagated through the already-pruned layers.
+def blank_units(ctx: PruneContext, opts: WidthOptions) -> list[LayerUnits]:
+    """Units with zero scores: enough for allocations that depend on the geometry alone (uniform)."""
+    return [LayerUnits(g, attn=torch.zeros(g.n_q_heads * g.head_dim) if opts.attention and g.has_attn else None,
+                       mlp=torch.zeros(g.intermediate) if opts.mlp and g.has_mlp else None) for g in ctx.geometry]
 
-    Per layer: one pass of the (still dense) layer records its statistics; the layer's units are
-    chosen at the size the allocation gave it; a second pass through the layer with that choice
-    simulated (masking, no weight edits) produces the next layer's inputs.
-    """
-    walker = BlockWalker(ctx.model, ctx.family, ctx.require_tokens(), batch_size=ctx.batch_size, device=ctx.device,
-                         offload=ctx.offload, loader=ctx.loader)
-    stats = Stats(n_tokens=walker.n_tokens)
-    n = len(ctx.geometry)
-    keeps = [LayerKeep() for _ in range(n)]
-    for i in tqdm(range(n), desc="pruning layers", unit="layer", disable=not ctx.progress):
-        with ctx.on_device(i):  # one read of a streamed block serves all four steps
-            with record(site_modules(ctx.family.block(ctx.model, i), sites), stats):
-                walker.run(i, keep=False)  # statistics only
-            keeps[i] = keep_shape(_units(ctx, opts, score, stats, i), *shape_of(sizes[i], ctx.geometry[i]))
-            only_this = [keeps[i] if j == i else LayerKeep() for j in range(n)]
-            layer_plan = plan_from_keeps(ctx.geometry, only_this, method, stats=stats, compensate=opts.compensate)
-            with simulate(ctx.model, layer_plan, ctx.family):
-                walker.advance_through(i)
-    return plan_from_keeps(ctx.geometry, keeps, method, stats=stats, compensate=opts.compensate)
+
+def _sequential(ctx: PruneContext, opts: WidthOptions, selector: ScoreSelector, sites: set[str],
+                sizes: list[LayerKeep], method: str) -> Plan:
+    """Choose each layer's units on inputs propagated through the already-pruned (and, with
+    `reconstruct: ls`, refit) layers, at the size the allocation gave it (reconstruct.walk_layers)."""
+    def attn(i: int, block: BlockView, g: Geometry, stats: Stats, h: torch.Tensor | None) -> LayerKeep:
+        return selector.attn(i, block, g, stats, h, shape_of(sizes[i], g)[0])
+
+    def mlp(i: int, block: BlockView, g: Geometry, stats: Stats, h: torch.Tensor | None) -> LayerKeep:
+        return selector.mlp(i, block, g, stats, h, shape_of(sizes[i], g)[1])
+
+    wopts = opts.walk_options()
+    wopts.attn_needs_gram = wopts.mlp_needs_gram = selector.needs_gram
+    return walk_layers(ctx, attn, mlp, sites, wopts, method)

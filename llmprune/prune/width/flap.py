@@ -41,7 +41,7 @@ STRUCTURE_ALLOCATION = {"AL-AM": "global", "AL-MM": "global", "UL-MM": "uniform"
 class FlapConfig(DataWidthOptions):
     metric: Literal["ifv", "wifv", "wifn"] = "wifv"
     structure: Literal["AL-AM", "AL-MM", "UL-MM", "UL-UM"] | None = None  # default AL-AM unless allocation says otherwise
-    allocation: Literal["uniform", "global", "coarse_to_fine", "owl"] | None = None  # type: ignore[assignment]
+    allocation: Literal["uniform", "global", "coarse_to_fine", "owl", "search"] | None = None  # type: ignore[assignment]
     attention_sparsity: float | None = Field(None, ge=0, lt=1)  # MM structures: share of attention units removed
     compensate: bool = True
     faithful: bool = False
@@ -55,8 +55,8 @@ class FlapConfig(DataWidthOptions):
 
     @model_validator(mode="after")
     def _resolve_structure(self) -> FlapConfig:
-        if self.allocation in ("coarse_to_fine", "owl"):
-            self.structure = None  # per-layer budgets from block importance / outliers replace the structure
+        if self.allocation in ("coarse_to_fine", "owl", "search"):
+            self.structure = None  # per-layer budgets from block importance / outliers / search replace the structure
         elif self.structure is None:
             self.structure = {"global": "AL-AM", "uniform": "UL-MM", None: "AL-AM"}[self.allocation]
         elif self.allocation is not None and STRUCTURE_ALLOCATION[self.structure] != self.allocation:

@@ -1,0 +1,248 @@
+"""Least-squares reconstruction of the kept o_proj / down_proj input columns, and the layer-by-layer
+walk (pruned-as-you-go) that every width pruner uses for sequential selection, reconstruction and OBS.
+
+For a linear y = W x + b (W: out × in) and calibration inputs x, with x̃ = [x; 1] and the second
+moment H = E[x̃ x̃ᵀ] (float64, (in+1) × (in+1)), keeping the input columns K (the constant column is
+always kept, so the bias is refit too) and removing R:
+
+    W'_K̃ = W_K̃ + W_R H_RK̃ (H_K̃K̃ + λI)⁻¹,     λ = damp · mean(diag H_xx)
+
+For λ = 0 this is the least-squares fit W H[:,K̃] H_K̃K̃⁻¹ of the dense output on the kept inputs
+(FLAP's bias compensation, b + W_R μ_R, is the special case of uncorrelated channels). With λ > 0
+it shrinks towards the selected weights rather than towards zero, so nothing removed is exactly the
+identity. It is also what Optimal Brain Surgeon's update converges to for the removed set R (obs.py).
+An H that is not positive definite after damping gets 10× more damping (with a warning) up to
+`MAX_DAMP`; a non-finite result is an error, never NaN weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ...calibrate import BlockWalker, Stats, record, site_modules
+from ...families.base import BlockView, Geometry
+from ...plan import Plan, attn_kept_channels
+from ...surgery import simulate
+from ..context import PruneContext
+from .allocate import LayerKeep
+from .keeps import plan_from_keeps
+
+log = logging.getLogger(__name__)
+MAX_DAMP = 1e3  # relative to mean(diag H): beyond this the fit is no longer a reconstruction
+
+
+class ReconstructionError(RuntimeError):
+    """The least-squares system could not be solved to finite weights."""
+
+
+# ---- second moments --------------------------------------------------------------------------------
+@dataclass
+class Gram:
+    """Running Σ x̃ x̃ᵀ over tokens, x̃ = [x; 1]; `dtype` float64 (default) or float32 for large FFNs."""
+
+    dtype: torch.dtype = torch.float64
+    sum: torch.Tensor | None = None  # [(in+1), (in+1)]
+    count: int = 0
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.dtype)  # [N, in]
+        x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)  # [N, in+1]
+        if self.sum is None:
+            self.sum = torch.zeros(x.shape[1], x.shape[1], dtype=self.dtype, device=x.device)
+        self.sum.addmm_(x.T, x)
+        self.count += x.shape[0]
+
+    def matrix(self) -> torch.Tensor:
+        """E[x̃ x̃ᵀ] in float64: [(in+1), (in+1)], the last row/column belongs to the constant 1."""
+        if self.sum is None or self.count == 0:
+            raise ValueError("no calibration inputs reached this module")
+        return (self.sum / self.count).double()
+
+
+@contextlib.contextmanager
+def record_grams(modules: dict[str, nn.Module], grams: dict[str, Gram]) -> Iterator[dict[str, Gram]]:
+    """While active, every forward through a module adds its input to `grams[name]`. Hooks always removed."""
+    handles = []
+    try:
+        for name, mod in modules.items():
+            g = grams[name]
+            handles.append(mod.register_forward_pre_hook(lambda _m, args, g=g: g.update(args[0])))
+        yield grams
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ---- the refit -------------------------------------------------------------------------------------
+def damp_scale(h: torch.Tensor) -> float:
+    """mean(diag H) over the real inputs (the augmented H's last entry, the constant 1, excluded)."""
+    return float(h.diagonal()[:-1].mean()) if h.shape[0] > 1 else 1.0
+
+
+def damped_cholesky(h: torch.Tensor, damp: float, what: str = "H", scale: float | None = None) \
+        -> tuple[torch.Tensor, float]:
+    """(Cholesky factor of h + λI, λ) with λ = damp·scale (default mean(diag h)), escalating damp ×10
+    until h + λI is positive definite (warning each time); raises ReconstructionError past MAX_DAMP."""
+    scale = (float(h.diagonal().mean()) if h.numel() else 1.0) if scale is None else scale
+    scale = scale if scale > 0 and scale == scale else 1.0
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    d = damp
+    while True:
+        lam = d * scale
+        chol, info = torch.linalg.cholesky_ex(h + lam * eye)
+        if int(info) == 0 and bool(torch.isfinite(chol).all()):
+            return chol, lam
+        if d >= MAX_DAMP or not bool(torch.isfinite(h).all()):
+            raise ReconstructionError(f"{what} is not positive definite even with damping {d:g}·mean(diag) "
+                                      "(non-finite activations, or no calibration tokens?); check the calibration "
+                                      "data, or use reconstruct: none")
+        d = max(d * 10, 1e-8)
+        log.warning("%s is singular or ill-conditioned: damping raised to %g·mean(diag H)", what, d)
+
+
+@torch.no_grad()
+def refit(weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor, kept: list[int], damp: float = 0.01,
+          what: str = "H") -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares refit of the kept input columns (see the module docstring).
+
+    weight [out, in], bias [out] or None, h [(in+1), (in+1)] = E[x̃ x̃ᵀ]; `kept` input columns in the
+    order the result should have. Returns (W'_K [out, |K|], b' [out]) in float64.
+    """
+    n_in = weight.shape[1]
+    if h.shape != (n_in + 1, n_in + 1):
+        raise ValueError(f"{what}: second moment is {tuple(h.shape)}, expected {(n_in + 1, n_in + 1)}")
+    w = weight.detach().to(h.device, torch.float64)
+    b = torch.zeros(w.shape[0], dtype=torch.float64, device=h.device) if bias is None else \
+        bias.detach().to(h.device, torch.float64)
+    wt = torch.cat([w, b[:, None]], dim=1)  # [out, in+1]: W̃ = [W, b]
+    k = torch.tensor(list(kept) + [n_in], dtype=torch.long, device=h.device)  # K̃ = K ∪ {constant}
+    mask = torch.ones(n_in + 1, dtype=torch.bool, device=h.device)
+    mask[k] = False
+    r = mask.nonzero().flatten()
+    out = wt.index_select(1, k)  # W_K̃
+    if r.numel():
+        hkk = h.index_select(0, k).index_select(1, k)
+        hrk = h.index_select(0, r).index_select(1, k)  # [|R|, |K̃|]
+        chol, _ = damped_cholesky(hkk, damp, what, scale=damp_scale(h))
+        rhs = (wt.index_select(1, r) @ hrk).T  # [|K̃|, out]: (W_R H_RK̃)ᵀ
+        out = out + torch.cholesky_solve(rhs, chol).T
+    if not bool(torch.isfinite(out).all()):
+        raise ReconstructionError(f"{what}: the refit produced non-finite weights; use reconstruct: none or more "
+                                  "calibration data")
+    return out[:, :-1].contiguous(), out[:, -1].contiguous()
+
+
+def output_error(weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor, new_w: torch.Tensor,
+                 new_b: torch.Tensor | None, kept: list[int]) -> float:
+    """E‖(W x + b) − (W' x_K + b')‖² from the second moment alone (float64)."""
+    n_in = weight.shape[1]
+    full = torch.zeros(weight.shape[0], n_in + 1, dtype=torch.float64, device=h.device)
+    full[:, :n_in] = weight.detach().double().to(h.device)
+    if bias is not None:
+        full[:, n_in] = bias.detach().double().to(h.device)
+    full[:, torch.tensor(kept, dtype=torch.long, device=h.device)] -= new_w.detach().double().to(h.device)
+    if new_b is not None:
+        full[:, n_in] -= new_b.detach().double().to(h.device)
+    return float(torch.einsum("oi,ij,oj->", full, h, full))
+
+
+# ---- the layer walk --------------------------------------------------------------------------------
+# choose(layer, block, geometry, score stats, second moment or None) -> LayerKeep (its attention or FFN part)
+Choose = Callable[[int, BlockView, Geometry, Stats, "torch.Tensor | None"], LayerKeep]
+
+
+@dataclass
+class WalkOptions:
+    refit: bool = False  # least-squares refit of o_proj / down_proj after selection
+    damp: float = 0.01
+    hessian_dtype: torch.dtype = torch.float64
+    compensate: bool = False  # FLAP bias compensation (ignored where a refit replaces it)
+    attn_needs_gram: bool = False  # the attention chooser uses H (OBS)
+    mlp_needs_gram: bool = False
+    extras: dict = field(default_factory=dict)
+
+
+def layer_tensors(block: BlockView, g: Geometry, keep: LayerKeep, plan: Plan, i: int, h_o: torch.Tensor | None,
+                  h_down: torch.Tensor | None, damp: float) -> dict[str, torch.Tensor]:
+    """Refit the partly pruned o_proj / down_proj of layer i (plan: at least this layer's decisions)."""
+    out: dict[str, torch.Tensor] = {}
+    lp = plan.layers[i]
+    if h_o is not None and block.attn is not None and not lp.attn.drop and not lp.attn.is_identity():
+        w, b = refit(block.attn.o.weight, block.attn.o.bias, h_o, attn_kept_channels(g, lp.attn), damp,
+                     f"layer {i} o_proj input second moment")
+        out[f"L{i}.attn.o.weight"], out[f"L{i}.attn.o.bias"] = w.float().cpu(), b.float().cpu()
+    if h_down is not None and block.mlp is not None and not lp.mlp.drop and not lp.mlp.is_identity():
+        w, b = refit(block.mlp.down.weight, block.mlp.down.bias, h_down, lp.mlp.keep_channels, damp,
+                     f"layer {i} down_proj input second moment")
+        out[f"L{i}.mlp.down.weight"], out[f"L{i}.mlp.down.bias"] = w.float().cpu(), b.float().cpu()
+    return out
+
+
+def _merge(a: LayerKeep, m: LayerKeep) -> LayerKeep:
+    return LayerKeep(kv_groups=a.kv_groups, q_heads=a.q_heads, channels=m.channels)
+
+
+@torch.no_grad()
+def walk_layers(ctx: PruneContext, choose_attn: Choose, choose_mlp: Choose, sites: set[str], opts: WalkOptions,
+                method: str, desc: str = "pruning layers") -> Plan:
+    """Decide (and optionally refit) one layer at a time on inputs that went through the pruned,
+    reconstructed earlier layers. Per layer: (A) a pass of the dense layer records the score
+    statistics `sites` and, when needed, o_proj's input second moment; the attention is chosen (and
+    refit); (B) with refit or an H-based FFN chooser, a pass with that attention simulated records
+    down_proj's second moment; the FFN is chosen (and refit); (C) a pass with the whole layer
+    simulated produces the next layer's inputs. Peak memory: one layer's second moments.
+    """
+    walker = BlockWalker(ctx.model, ctx.family, ctx.require_tokens(), batch_size=ctx.batch_size, device=ctx.device,
+                         offload=ctx.offload, loader=ctx.loader)
+    stats = Stats(n_tokens=walker.n_tokens)
+    geo = ctx.geometry
+    n = len(geo)
+    keeps = [LayerKeep() for _ in range(n)]
+    tensors: dict[str, torch.Tensor] = {}
+    compensate = opts.compensate and not opts.refit
+
+    def layer_plan(i: int, keep: LayerKeep, extra: dict[str, torch.Tensor]) -> Plan:
+        only = [keep if j == i else LayerKeep() for j in range(n)]
+        p = plan_from_keeps(geo, only, method, stats=stats, compensate=compensate)
+        p.tensors = extra
+        return p
+
+    for i in tqdm(range(n), desc=desc, unit="layer", disable=not ctx.progress):
+        with ctx.on_device(i):  # a streamed block is read once for all its passes
+            block, g = ctx.family.block(ctx.model, i), geo[i]
+            want_o = block.attn is not None and (opts.refit or opts.attn_needs_gram)
+            gram_o = {f"L{i}.o": Gram(opts.hessian_dtype)} if want_o else {}
+            mods_o = {f"L{i}.o": block.attn.o} if gram_o else {}
+            with record(site_modules(block, sites), stats), record_grams(mods_o, gram_o):
+                walker.run(i, keep=False)  # statistics only
+            h_o = gram_o[f"L{i}.o"].matrix() if gram_o else None
+            a_keep = choose_attn(i, block, g, stats, h_o)
+            a_keep = LayerKeep(kv_groups=a_keep.kv_groups, q_heads=a_keep.q_heads)  # the FFN is decided after pass B
+            t_attn = layer_tensors(block, g, a_keep, layer_plan(i, a_keep, {}), i, h_o if opts.refit else None, None,
+                                   opts.damp)
+            h_down = None
+            if block.mlp is not None and (opts.refit or opts.mlp_needs_gram):
+                gram_d = {f"L{i}.down": Gram(opts.hessian_dtype)}
+                with simulate(ctx.model, layer_plan(i, a_keep, t_attn), ctx.family), \
+                        record_grams({f"L{i}.down": block.mlp.down}, gram_d):
+                    walker.run(i, keep=False)
+                h_down = gram_d[f"L{i}.down"].matrix()
+            keeps[i] = _merge(a_keep, choose_mlp(i, block, g, stats, h_down))
+            full = layer_plan(i, keeps[i], {})
+            t_layer = t_attn | layer_tensors(block, g, keeps[i], full, i, None, h_down if opts.refit else None, opts.damp)
+            tensors.update(t_layer)
+            full.tensors = t_layer
+            with simulate(ctx.model, full, ctx.family):
+                walker.advance_through(i)
+            del h_o, h_down
+    plan = plan_from_keeps(geo, keeps, method, stats=stats, compensate=compensate)
+    plan.tensors = tensors
+    plan.validate()
+    return plan

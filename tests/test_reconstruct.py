@@ -1,0 +1,243 @@
+"""Least-squares reconstruction, structured OBS and the per-layer search (issue 14), on tiny models."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from llmprune import api, surgery
+from llmprune.families import family_for
+from llmprune.plan import Plan, PlanError, sidecar_path
+from llmprune.prune.width.obs import ObsSelector, obs_remove
+from llmprune.prune.width.reconstruct import Gram, ReconstructionError, output_error, record_grams, refit
+from llmprune.recipe import load_recipe
+
+from .conftest import make_model
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    g = Gram()
+    g.update(x)
+    return g.matrix()
+
+
+def _data(n: int = 400, d_in: int = 8, d_out: int = 5, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d_in, generator=gen, dtype=torch.float64) + 0.3
+    w = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
+    b = torch.randn(d_out, generator=gen, dtype=torch.float64)
+    return x, w, b
+
+
+def test_refit_with_nothing_removed_is_the_identity():
+    x, w, b = _data()
+    new_w, new_b = refit(w, b, _gram(x), list(range(w.shape[1])), damp=0.01)
+    assert torch.equal(new_w, w) and torch.equal(new_b, b)
+
+
+def test_removed_channel_that_is_a_combination_of_kept_ones_is_reconstructed_exactly():
+    x, w, b = _data()
+    x[:, 7] = 2 * x[:, 0] - x[:, 3] + 0.5  # channel 7 = linear combination of kept channels and the constant
+    kept = list(range(7))
+    h = _gram(x)
+    new_w, new_b = refit(w, b, h, kept, damp=1e-10)
+    dense = x @ w.T + b
+    err = (x[:, kept] @ new_w.T + new_b - dense).abs().max()
+    assert err < 1e-6
+    assert output_error(w, b, h, new_w, new_b, kept) < 1e-10
+    # without the refit (plain slicing) the error is large, with FLAP-style mean compensation still nonzero
+    assert (x[:, kept] @ w[:, kept].T + b - dense).abs().max() > 0.1
+    flap_b = b + w[:, 7] * x[:, 7].mean()
+    assert (x[:, kept] @ w[:, kept].T + flap_b - dense).abs().max() > 0.1
+
+
+def test_refit_is_least_squares_and_beats_slicing_at_default_damping():
+    x, w, b = _data(d_in=10, seed=3)
+    kept = [0, 2, 3, 5, 8, 9]
+    h = _gram(x)
+    lw, lb = refit(w, b, h, kept, damp=0.0 + 1e-12)
+    xa = torch.cat([x[:, kept], torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    sol = torch.linalg.lstsq(xa, x @ w.T + b).solution.T  # [out, |K|+1]
+    torch.testing.assert_close(lw, sol[:, :-1], rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(lb, sol[:, -1], rtol=1e-6, atol=1e-8)
+    dw, db = refit(w, b, h, kept)  # damp 0.01: between the exact fit and slicing
+    exact, damped = output_error(w, b, h, lw, lb, kept), output_error(w, b, h, dw, db, kept)
+    assert exact <= damped < output_error(w, b, h, w[:, kept], b, kept)
+
+
+def test_singular_second_moment_escalates_damping_with_a_warning(caplog):
+    x, w, b = _data()
+    x[:, 1] = 0.0  # a dead channel: H is singular
+    x[:, 2] = x[:, 3]  # and two identical ones
+    with caplog.at_level(logging.WARNING, logger="llmprune.prune.width.reconstruct"):
+        new_w, new_b = refit(w, b, _gram(x), [0, 1, 2, 3, 5], damp=0.0)
+    assert "damping raised" in caplog.text
+    assert torch.isfinite(new_w).all() and torch.isfinite(new_b).all()
+
+
+def test_non_finite_second_moment_fails_clearly():
+    x, w, b = _data()
+    h = _gram(x)
+    h[0, 0] = float("nan")
+    with pytest.raises(ReconstructionError, match="not positive definite"):
+        refit(w, b, h, [0, 2, 4], damp=0.01)
+
+
+@torch.no_grad()
+def _layer_inputs(model: torch.nn.Module, tokens: torch.Tensor, layer: int, which: str) -> torch.Tensor:
+    fam = family_for(model.config)
+    block = fam.block(model, layer)
+    mod = block.attn.o if which == "o" else block.mlp.down
+    g = {"x": Gram()}
+    with record_grams({"x": mod}, g):
+        model(tokens)
+    return g["x"].matrix()
+
+
+def test_obs_update_beats_the_same_selection_without_update(tokens):
+    model = make_model("llama")
+    down = family_for(model.config).block(model, 1).mlp.down
+    h = _layer_inputs(model, tokens, 1, "down")
+    m = down.weight.shape[1]
+    wa = torch.cat([down.weight.double(), torch.zeros(down.weight.shape[0], 1, dtype=torch.float64)], 1)
+    gone, updated = obs_remove(wa, h, [[j] for j in range(m)], m // 2, per_step=4, damp=0.01)
+    kept = [j for j in range(m) if j not in set(gone)]
+    assert len(gone) == m // 2 and torch.equal(updated[:, gone], torch.zeros_like(updated[:, gone]))
+    err_obs = output_error(down.weight, None, h, updated[:, kept], updated[:, -1], kept)
+    err_plain = output_error(down.weight, None, h, down.weight[:, kept], None, kept)
+    assert err_obs < 0.5 * err_plain
+    # the accumulated OBS updates equal the least-squares refit on the kept columns
+    rw, rb = refit(down.weight, None, h, kept, damp=0.01)
+    torch.testing.assert_close(updated[:, kept], rw, rtol=1e-5, atol=1e-7)
+
+
+def test_gqa_kv_group_is_its_query_heads_o_proj_columns(tokens):
+    """4 q / 2 KV heads: KV group 1 owns query heads 2, 3, i.e. o_proj columns 2·hd .. 4·hd."""
+    model = make_model("llama")
+    fam = family_for(model.config)
+    g = fam.geometry(model)[0]
+    hd = g.head_dim
+    h = _layer_inputs(model, tokens, 0, "o")
+    sel = ObsSelector(damp=0.01, ffn_batch=4)
+    keep = sel.attn(0, fam.block(model, 0), g, None, h, (1, g.group_size))
+    assert keep.kv_groups in ([0], [1])
+    recipe = load_recipe("flap", {"sparsity": 0.5, "pruner.reconstruct": "ls", "pruner.structure": "UL-UM",
+                                  "calibration.batch_size": 2})
+    plan = api.make_plan(model, recipe, tokens, progress=False)
+    layer = next(i for i, lp in enumerate(plan.layers) if lp.attn.keep_kv_groups is not None)
+    grp = plan.layers[layer].attn.keep_kv_groups[0]
+    cols = list(range(grp * g.group_size * hd, (grp + 1) * g.group_size * hd))
+    assert plan.tensors[f"L{layer}.attn.o.weight"].shape == (g.hidden, len(cols))
+    if layer == 0:  # layer 0's inputs are the dense model's: the refit can be recomputed by hand
+        o = fam.block(model, 0).attn.o
+        rw, rb = refit(o.weight, o.bias, h, cols, damp=0.01)
+        torch.testing.assert_close(plan.tensors["L0.attn.o.weight"], rw.float())
+        torch.testing.assert_close(plan.tensors["L0.attn.o.bias"], rb.float())
+
+
+@pytest.mark.parametrize("method,overrides", [
+    ("flap", {"pruner.reconstruct": "ls"}),
+    ("wanda-sp", {"pruner.reconstruct": "ls"}),
+    ("magnitude", {"pruner.reconstruct": "ls"}),
+    ("cfsp", {"pruner.reconstruct": "ls", "pruner.allocation": "uniform"}),
+    ("obs", {}),
+    ("obs", {"pruner.allocation": "coarse_to_fine"}),
+])
+def test_reconstruction_lowers_the_output_error_and_apply_equals_simulate(method, overrides, tokens):
+    model = make_model("qwen2")  # q/k/v biases
+    fam = family_for(model.config)
+    base = dict(sparsity=0.4, **{"calibration.batch_size": 8})
+    calib = torch.randint(3, 320, (16, 32), generator=torch.Generator().manual_seed(5))
+    dense = model(tokens).logits
+    plan = api.make_plan(model, load_recipe(method, {**base, **overrides}), calib, progress=False)
+    assert plan.tensors and abs(plan.sparsity() - 0.4) < 0.01
+    for i, lp in enumerate(plan.layers):  # the FFN refit saw the removed channels (not masked to zero)
+        if lp.mlp.keep_channels is not None:
+            down = fam.block(model, i).mlp.down.weight[:, lp.mlp.keep_channels]
+            assert (plan.tensors[f"L{i}.mlp.down.weight"] - down).abs().max() > 1e-4
+    pruned = surgery.apply(model, plan, fam)
+    with surgery.simulate(model, plan, fam):
+        sim = model(tokens).logits
+    out = pruned(tokens).logits
+    torch.testing.assert_close(out, sim, rtol=1e-4, atol=1e-4)
+    assert sum(p.numel() for n, p in pruned.named_parameters() if ".layers." in n and "norm" not in n) \
+        == plan.params_after()
+    if method != "obs":
+        plain = dict(overrides, **{"pruner.reconstruct": "none"})
+        ref = surgery.apply(model, api.make_plan(model, load_recipe(method, {**base, **plain}), calib,
+                                                 progress=False), fam)(tokens).logits
+        assert (out - dense).pow(2).mean() < (ref - dense).pow(2).mean()
+
+
+def test_zero_sparsity_with_reconstruction_is_the_identity(tokens):
+    model = make_model("llama")
+    plan = api.make_plan(model, load_recipe("wanda-sp", {"sparsity": 0.0, "pruner.reconstruct": "ls"}), tokens,
+                         progress=False)
+    assert plan.is_identity() and not plan.tensors
+    torch.testing.assert_close(surgery.apply(model, plan)(tokens).logits, model(tokens).logits, rtol=0, atol=0)
+
+
+def test_plan_side_car_round_trip(tmp_path, tokens):
+    model = make_model("llama")
+    plan = api.make_plan(model, load_recipe("obs", {"sparsity": 0.3}), tokens, progress=False)
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    assert sidecar_path(path).exists() and '"tensors"' in path.read_text()
+    back = Plan.load(path)
+    assert set(back.tensors) == set(plan.tensors)
+    torch.testing.assert_close(surgery.apply(model, back)(tokens).logits, surgery.apply(model, plan)(tokens).logits)
+    sidecar_path(path).unlink()
+    lonely = Plan.load(path)  # inspecting still works; applying says what is missing
+    with pytest.raises(ValueError, match="plan.safetensors"):
+        surgery.apply(model, lonely)
+    bad = Plan.load(path)
+    bad.tensors = {k: v[:, :1] if v.ndim == 2 else v for k, v in plan.tensors.items()}
+    bad.tensor_manifest = {}
+    with pytest.raises(PlanError, match="shape"):
+        bad.validate()
+
+
+def _search_recipe(seed: int = 0, **kw: object) -> object:
+    return load_recipe("wanda-sp", {"sparsity": 0.35, "calibration.seed": seed, "calibration.batch_size": 2,
+                                    "pruner.allocation": "search", "pruner.search.generations": 4,
+                                    "pruner.search.offspring": 6, "pruner.search.samples": 2, **kw})
+
+
+def test_search_meets_the_budget_exactly_and_is_deterministic(tokens):
+    model = make_model("llama", layers=4)
+    for rc in ("none", "ls"):
+        uni = api.make_plan(model, _search_recipe(**{"pruner.allocation": "uniform", "pruner.reconstruct": rc}),
+                            tokens, progress=False)
+        a = api.make_plan(model, _search_recipe(**{"pruner.reconstruct": rc}), tokens, progress=False)
+        b = api.make_plan(model, _search_recipe(**{"pruner.reconstruct": rc}), tokens, progress=False)
+        assert a.params_after() == uni.params_after()
+        assert surgery.apply(model, a).num_parameters() == surgery.apply(model, uni).num_parameters()
+        assert a.to_dict()["layers"] == b.to_dict()["layers"]
+        assert a.extras["search"] == b.extras["search"]
+        s = a.extras["search"]
+        assert s["kl_best"] <= s["kl_centre"] and s["generations"] >= 1
+        assert list(s["history"]) == sorted(s["history"], reverse=True)
+
+
+def test_search_options_are_checked(tokens):
+    with pytest.raises(Exception, match="query_heads"):
+        _search_recipe(**{"pruner.query_heads": True})
+    model = make_model("llama")
+    with pytest.raises(ValueError, match="search.samples"):
+        api.make_plan(model, _search_recipe(**{"pruner.search.samples": 99}), tokens, progress=False)
+
+
+def test_checkpoint_round_trip_with_refit_biases(tmp_path, tokens, tiny_tokenizer):
+    """Refit biases make o_proj / down_proj gain a bias (non-uniform config); save -> load is exact."""
+    from llmprune.checkpoint import load_pruned, save_pruned
+
+    model = make_model("llama")
+    plan = api.make_plan(model, load_recipe("obs", {"sparsity": 0.3, "pruner.allocation": "coarse_to_fine"}),
+                         tokens, progress=False)
+    pruned = surgery.apply(model, plan)
+    assert any(g.o_bias or g.down_bias for g in plan.geometry_after())
+    out = save_pruned(pruned, tiny_tokenizer, tmp_path / "ck", plan)
+    back, _ = load_pruned(out)
+    torch.testing.assert_close(back(tokens).logits, pruned(tokens).logits)
+    assert "tensors" in Plan.load(out).to_dict()
