@@ -17,7 +17,7 @@ from ..context import PruneContext
 from . import divergence
 from .candidates import Candidate, removed_set
 from .residual_stream import LOGIT_BLOCK_ELEMS
-from .search import SearchStats
+from .search import SearchStats, warn_non_finite
 
 
 class ReferenceSearch:
@@ -70,14 +70,17 @@ class ReferenceSearch:
         self.stats.body_tokens += sublayers_run * self.n_tokens
         self.stats.head_tokens += self.n_tokens
 
-    def step(self, available: list[Candidate], step: int) -> tuple[Candidate, float]:  # noqa: ARG002
+    def step(self, available: list[Candidate], step: int) -> tuple[Candidate, float]:
         best, best_sum = None, math.inf
         for c in sorted(available, key=lambda c: c.index):  # strict < keeps the lowest index on ties
             s = self._sum(self.removed + [c])
             self._count(self.n_sublayers - sum(len(r.sublayers) for r in self.removed + [c]))
             self.stats.candidate_chunks += len(self.batches)
             self.stats.full_equivalents += 1
-            if s < best_sum:
+            if not math.isfinite(s):  # NaN would never compare below the best: rank it last, as +inf
+                warn_non_finite(c, s, f"at step {step}")
+                s = math.inf
+            if best is None or s < best_sum:
                 best, best_sum = c, s
         assert best is not None
         return best, best_sum
