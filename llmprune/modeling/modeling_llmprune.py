@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import torch
 import transformers
@@ -27,6 +28,14 @@ if tuple(int(p) for p in transformers.__version__.split(".")[:2]) < _MIN_TRANSFO
         f"this pruned checkpoint needs transformers>={'.'.join(map(str, _MIN_TRANSFORMERS))} "
         f"(per_layer_config support); found {transformers.__version__}. Run: pip install -U transformers"
     )
+
+# The KV cache keyword: `cache` since transformers 5.2x, `past_key_values` before (now deprecated, with a
+# FutureWarning). Read from the installed version's own signatures, so this file runs on both.
+_CACHE_KW = "cache" if "cache" in inspect.signature(modeling_llama.LlamaAttention.forward).parameters \
+    else "past_key_values"
+_MASK_CACHE_KW = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+_OUTPUT_CACHE_KW = "cache" if "cache" in getattr(BaseModelOutputWithPast, "__dataclass_fields__", {}) \
+    else "past_key_values"
 
 # base_model_type -> (module, class-name prefix) providing Attention, MLP, RMSNorm, RotaryEmbedding
 _FAMILY_MODULES = {
@@ -78,19 +87,14 @@ class LlmpruneDecoderLayer(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        # kwargs: position_ids, use_cache and the cache under the installed version's keyword (_CACHE_KW).
         if self.has_attn:
             attn_out, _ = self.self_attn(
                 hidden_states=self.input_layernorm(hidden_states),
                 attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                use_cache=use_cache,
                 position_embeddings=position_embeddings,
                 **kwargs,
             )
@@ -117,6 +121,7 @@ class LlmpruneLlamaModel(LlmprunePreTrainedModel):
         self.norm = _family_class(config, "RMSNorm")(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = _family_class(config, "RotaryEmbedding")(config=config)
         self.gradient_checkpointing = False
+        self._layer_types = list(config.layer_types)  # derived from per_layer_config: computed once, not per step
         self.post_init()
 
     def forward(
@@ -124,12 +129,15 @@ class LlmpruneLlamaModel(LlmprunePreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | dict | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        # Callers name the cache `cache` (transformers >= 5.2x) or `past_key_values` (older): accept both.
+        cache = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -138,34 +146,29 @@ class LlmpruneLlamaModel(LlmprunePreTrainedModel):
         )
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if position_ids is None:
-            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past
 
-        layer_types = self.config.layer_types
         masks = attention_mask  # generate() may hand over a ready {layer_type: mask} mapping
         if not isinstance(masks, dict):
-            mask_kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                               past_key_values=past_key_values, position_ids=position_ids)
+            mask_kwargs = {"config": self.config, "inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
+                           _MASK_CACHE_KW: cache, "position_ids": position_ids}
             masks = {"full_attention": create_causal_mask(**mask_kwargs)}
-            if "sliding_attention" in layer_types:
+            if "sliding_attention" in self._layer_types:
                 masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        # One kwargs dict for every layer (built once, not per layer): the cache under the installed
+        # version's keyword.
+        layer_kwargs = {"position_ids": position_ids, "use_cache": use_cache, _CACHE_KW: cache, **kwargs}
+        per_type = [masks.get(t) for t in self._layer_types]  # None for attention-free ("mlp") layers
         all_hidden = [hidden_states] if output_hidden_states else None
-        for i, layer in enumerate(self.layers):
-            hidden_states = layer(
-                hidden_states,
-                attention_mask=masks.get(layer_types[i]),  # None for attention-free ("mlp") layers
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                use_cache=use_cache,
-                position_embeddings=position_embeddings,
-                **kwargs,
-            )
+        for layer, mask in zip(self.layers, per_type):
+            hidden_states = layer(hidden_states, mask, position_embeddings, **layer_kwargs)
             if all_hidden is not None:
                 all_hidden.append(hidden_states)
         hidden_states = self.norm(hidden_states)
@@ -173,8 +176,8 @@ class LlmpruneLlamaModel(LlmprunePreTrainedModel):
             all_hidden[-1] = hidden_states
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            **{_OUTPUT_CACHE_KW: cache if use_cache else None},
         )
 
 
