@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from .families import Family, family_for
 from .families.base import BlockView, Geometry
+from .modeling.modeling_llmprune import ATTN_RESIDUAL, MLP_RESIDUAL
 from .plan import AttnPlan, MlpPlan, Plan, attn_kept_channels, removed_indices
 
 
@@ -37,11 +38,17 @@ def apply(model: nn.Module, plan: Plan, family: Family | None = None) -> nn.Modu
         if block.attn is not None:
             if lp.attn.drop:
                 _forget(state, names, [block.attn.module, block.attn.norm])
+                if lp.attn.compensate is not None:  # bias-only: the sublayer's mean output b + W·μ
+                    state[_layer_prefix(names, block) + ATTN_RESIDUAL + ".bias"] = _compensation(
+                        block.attn.o, list(range(g.n_q_heads * g.head_dim)), lp.attn.compensate)
             elif not lp.attn.is_identity() or lp.attn.compensate is not None:
                 _slice_attention(state, names, block, g, lp.attn)
         if block.mlp is not None:
             if lp.mlp.drop:
                 _forget(state, names, [block.mlp.module, block.mlp.norm])
+                if lp.mlp.compensate is not None:
+                    state[_layer_prefix(names, block) + MLP_RESIDUAL + ".bias"] = _compensation(
+                        block.mlp.down, list(range(g.intermediate)), lp.mlp.compensate)
             elif not lp.mlp.is_identity() or lp.mlp.compensate is not None:
                 _slice_mlp(state, names, block, g, lp.mlp)
     kept = plan.kept_layers()
@@ -52,6 +59,16 @@ def apply(model: nn.Module, plan: Plan, family: Family | None = None) -> nn.Modu
 
 def _name(names: dict[int, str], p: torch.Tensor) -> str:
     return names[id(p)]
+
+
+def _layer_prefix(names: dict[int, str], block: BlockView) -> str:
+    """State-dict prefix of a decoder layer ("model.layers.3."), from any of its parameters."""
+    view = block.attn or block.mlp
+    sub = view.module
+    name = names[id(next(sub.parameters()))]
+    inner = next(n for n, p in sub.named_parameters() if p is next(sub.parameters()))
+    sub_name = name[: -len(inner) - 1]  # "model.layers.3.self_attn"
+    return sub_name.rsplit(".", 1)[0] + "."
 
 
 def _forget(state: dict[str, torch.Tensor], names: dict[int, str], modules: list[nn.Module]) -> None:
@@ -150,7 +167,8 @@ def _materialize(model: nn.Module, config: Any, state: dict[str, torch.Tensor]) 
 def simulate(model: nn.Module, plan: Plan, family: Family | None = None) -> Iterator[nn.Module]:
     """Make the model behave as if `plan` were applied, without editing weights.
 
-    Dropped sublayers return zeros (and are not computed); removed input channels of o_proj /
+    Dropped sublayers return zeros (and are not computed), or their mean output when the plan
+    compensates (a bias-only sublayer); removed input channels of o_proj /
     down_proj are zeroed, or set to their calibration mean when the plan compensates — which is
     exactly what the compensation bias stands for. Meant for full-sequence scoring: a dropped
     attention sublayer writes nothing into a KV cache.
@@ -163,13 +181,17 @@ def simulate(model: nn.Module, plan: Plan, family: Family | None = None) -> Iter
             block = family.block(model, i)
             if block.attn is not None:
                 if lp.attn.drop:
-                    undo.append(_silence(block.attn.module, returns_tuple=True))
+                    const = None if lp.attn.compensate is None else _compensation(
+                        block.attn.o, list(range(g.n_q_heads * g.head_dim)), lp.attn.compensate)
+                    undo.append(_silence(block.attn.module, returns_tuple=True, const=const))
                 elif not lp.attn.is_identity():
                     removed = removed_indices(attn_kept_channels(g, lp.attn), g.n_q_heads * g.head_dim)
                     undo.append(_mask_inputs(block.attn.o, removed, lp.attn.compensate))
             if block.mlp is not None:
                 if lp.mlp.drop:
-                    undo.append(_silence(block.mlp.module, returns_tuple=False))
+                    const = None if lp.mlp.compensate is None else _compensation(
+                        block.mlp.down, list(range(g.intermediate)), lp.mlp.compensate)
+                    undo.append(_silence(block.mlp.module, returns_tuple=False, const=const))
                 elif not lp.mlp.is_identity():
                     removed = removed_indices(lp.mlp.keep_channels, g.intermediate)
                     undo.append(_mask_inputs(block.mlp.down, removed, lp.mlp.compensate))
@@ -179,10 +201,11 @@ def simulate(model: nn.Module, plan: Plan, family: Family | None = None) -> Iter
             fn()
 
 
-def _silence(module: nn.Module, returns_tuple: bool) -> Any:
+def _silence(module: nn.Module, returns_tuple: bool, const: torch.Tensor | None = None) -> Any:
+    """Make a sublayer output zeros, or the constant `const` [hidden] (a bias-only sublayer)."""
     def forward(*args: Any, **kwargs: Any) -> Any:
         h = kwargs.get("hidden_states", args[0] if args else None)
-        z = torch.zeros_like(h)
+        z = torch.zeros_like(h) if const is None else const.to(h.dtype).expand_as(h)
         return (z, None) if returns_tuple else z
 
     module.forward = forward

@@ -21,8 +21,10 @@ class LlmpruneLlamaConfig(LlamaConfig):
     base_model_type: str = "llama"  # which transformers family provides attention / MLP / norm modules
     base_layer_types: list[str] | None = None  # "full_attention" | "sliding_attention" per layer, before skips
     sliding_window: int | None = None
-    o_proj_bias: bool = False  # bias added to o_proj (e.g. FLAP bias compensation)
-    down_proj_bias: bool = False  # bias added to down_proj
+    # Bias added to o_proj / down_proj (e.g. FLAP bias compensation). On a layer that skips the
+    # sublayer it means a bias-only sublayer: a constant vector (its mean output) added to the residual.
+    o_proj_bias: bool = False
+    down_proj_bias: bool = False
 
     @property
     def layer_types(self) -> list[str]:

@@ -51,6 +51,18 @@ def _family_class(config: LlmpruneLlamaConfig, part: str) -> type[nn.Module]:
     return getattr(importlib.import_module(module_name), prefix + part)
 
 
+# A removed sublayer whose mean output is kept (FLAP compensation) is a constant vector added to the
+# residual: a module with one `bias` [hidden] parameter, saved as `model.layers.<i>.<name>.bias`.
+ATTN_RESIDUAL = "attn_residual"
+MLP_RESIDUAL = "mlp_residual"
+
+
+class ResidualBias(nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(hidden))
+
+
 def _with_bias(linear: nn.Linear) -> nn.Linear:
     # A fresh Linear of the same shape with a (zero) bias; the checkpoint supplies the values.
     out = nn.Linear(linear.in_features, linear.out_features, bias=True, device=linear.weight.device,
@@ -77,11 +89,16 @@ class LlmpruneDecoderLayer(GradientCheckpointingLayer):
             self.self_attn.config = config
             if getattr(lc, "o_proj_bias", False) and self.self_attn.o_proj.bias is None:
                 self.self_attn.o_proj = _with_bias(self.self_attn.o_proj)
+        # skipped attention with o_proj_bias: a bias-only sublayer (attribute name = ATTN_RESIDUAL)
+        self.attn_residual = ResidualBias(config.hidden_size) \
+            if not self.has_attn and getattr(lc, "o_proj_bias", False) else None
         if self.has_mlp:
             self.post_attention_layernorm = rms_norm(config.hidden_size, eps=config.rms_norm_eps)
             self.mlp = _family_class(config, "MLP")(lc)
             if getattr(lc, "down_proj_bias", False) and self.mlp.down_proj.bias is None:
                 self.mlp.down_proj = _with_bias(self.mlp.down_proj)
+        self.mlp_residual = ResidualBias(config.hidden_size) \
+            if not self.has_mlp and getattr(lc, "down_proj_bias", False) else None
 
     def forward(
         self,
@@ -99,8 +116,12 @@ class LlmpruneDecoderLayer(GradientCheckpointingLayer):
                 **kwargs,
             )
             hidden_states = hidden_states + attn_out
+        elif self.attn_residual is not None:
+            hidden_states = hidden_states + self.attn_residual.bias
         if self.has_mlp:
             hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        elif self.mlp_residual is not None:
+            hidden_states = hidden_states + self.mlp_residual.bias
         return hidden_states
 
 

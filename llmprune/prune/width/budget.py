@@ -29,8 +29,10 @@ class BudgetError(ValueError):
 # ---- costs -----------------------------------------------------------------------------------------
 def attn_kept_params(g: Geometry, n_kv: int, per_group: int, compensate: bool) -> int:
     """Parameters of the attention sublayer keeping `n_kv` KV groups of `per_group` query heads each."""
-    if not g.has_attn or n_kv == 0:
-        return 0
+    if not g.has_attn:
+        return g.attn_params()  # nothing, or an existing bias-only sublayer
+    if n_kv == 0:
+        return g.hidden * compensate  # removed; with compensation its mean output stays as a bias
     full = n_kv == g.n_kv_heads and per_group == g.group_size
     after = g.with_(n_kv_heads=n_kv, n_q_heads=n_kv * per_group, o_bias=g.o_bias or (compensate and not full))
     return after.attn_params()
@@ -38,8 +40,10 @@ def attn_kept_params(g: Geometry, n_kv: int, per_group: int, compensate: bool) -
 
 def mlp_kept_params(g: Geometry, width: int, compensate: bool) -> int:
     """Parameters of the FFN sublayer keeping `width` channels."""
-    if not g.has_mlp or width == 0:
-        return 0
+    if not g.has_mlp:
+        return g.mlp_params()
+    if width == 0:
+        return g.hidden * compensate
     full = width == g.intermediate
     return g.with_(intermediate=width, down_bias=g.down_bias or (compensate and not full)).mlp_params()
 
