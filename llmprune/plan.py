@@ -53,8 +53,10 @@ class LayerPlan:
 
     @property
     def removed(self) -> bool:
-        """Both sublayers gone: the whole block disappears and later blocks are renumbered."""
-        return self.attn.drop and self.mlp.drop
+        """Both sublayers gone (none bias-only): the block disappears and later blocks are renumbered.
+
+        A block that already is bias-only in the model keeps its bias; `Plan.kept_layers` sees that."""
+        return self.attn.drop and self.mlp.drop and self.attn.compensate is None and self.mlp.compensate is None
 
 
 @dataclass
@@ -79,7 +81,8 @@ class Plan:
         return [_after(g, lp) for g, lp in zip(self.geometry, self.layers)]
 
     def kept_layers(self) -> list[int]:
-        return [i for i, lp in enumerate(self.layers) if not lp.removed]
+        """Base layers that still hold something: a sublayer, or a bias-only one (new or already there)."""
+        return [i for i, g in enumerate(self.geometry_after()) if g.has_attn or g.has_mlp or g.o_bias or g.down_bias]
 
     def params_before(self) -> int:
         return sum(g.linear_params() for g in self.geometry)
@@ -108,6 +111,8 @@ class Plan:
         for i, (g, lp) in enumerate(zip(geometry, self.layers)):
             _validate_attn(i, g, lp.attn)
             _validate_mlp(i, g, lp.mlp)
+        if self.layers and not self.kept_layers():
+            raise PlanError("the plan removes every decoder layer; keep at least one sublayer")
 
     # ---- JSON --------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-seqlen", type=int, default=256)
     ap.add_argument("--mha-dir", type=Path, default=Path.home() / ".cache" / "llmprune" / "models" / "smollm2-135m-mha")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--in-process", action="store_true", help="run every measurement in this process (less overhead)")
     args = ap.parse_args(argv)
+    run = bench_width.measure if args.in_process else bench_width.run_worker
     models = {"gqa": "smollm2-135m"}
     if "mha" in args.models:
         models["mha"] = str(build_mha(args.mha_dir))
@@ -84,12 +86,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.eval_windows}x{args.eval_seqlen}; cpu float32", flush=True)
     results = []
     for m in args.models:
-        dense = bench_width.run_worker({**base, "model": models[m], "name": f"{m}/dense"})
+        dense = run({**base, "model": models[m], "name": f"{m}/dense"})
         results.append(dense)
         print(f"{m} dense ppl {dense.get('ppl', dense.get('error'))}", flush=True)
         for s in args.sparsities:
             for v in args.variants:
-                r = bench_width.run_worker({**base, "model": models[m], "name": f"{m}/{v}", "recipe": "flap",
+                r = run({**base, "model": models[m], "name": f"{m}/{v}", "recipe": "flap",
                                             "overrides": VARIANTS[v], "sparsity": s})
                 results.append(r)
                 val = f"{r['ppl']:.2f} (linear sparsity {r['linear_sparsity']:.2%})" if "ppl" in r else r["error"]

@@ -102,3 +102,21 @@ def test_bias_only_plan_validation():
     plan.layers[0].attn = AttnPlan(drop=True, compensate=[0.0] * 3)
     with pytest.raises(PlanError, match="means of all"):
         plan.validate()
+
+
+def test_plan_removing_every_layer_is_refused_but_bias_only_layers_stay():
+    model = make_model("llama", layers=2)
+    fam = family_for(model.config)
+    geo = fam.geometry(model)
+    gone = sublayer_plan(geo, set()).__class__.identity(geo)
+    for lp in gone.layers:
+        lp.attn, lp.mlp = AttnPlan(drop=True), MlpPlan(drop=True)
+    with pytest.raises(PlanError, match="removes every decoder layer"):
+        gone.validate()  # was an IndexError deep inside surgery.apply
+    gone.layers[1].mlp.compensate = [0.5] * geo[1].intermediate  # layer 1 becomes bias-only: kept
+    gone.validate()
+    assert gone.kept_layers() == [1]
+    pruned = surgery.apply(model, gone, fam)
+    ids = torch.randint(3, 300, (1, 6))
+    with torch.no_grad():
+        assert torch.isfinite(pruned(ids).logits).all()  # attention-free model: no KV cache needed

@@ -143,6 +143,8 @@ class LlmpruneLlamaModel(LlmprunePreTrainedModel):
         self.rotary_emb = _family_class(config, "RotaryEmbedding")(config=config)
         self.gradient_checkpointing = False
         self._layer_types = list(config.layer_types)  # derived from per_layer_config: computed once, not per step
+        # No attention anywhere: no KV cache, positions and masks are unused.
+        self._has_attention = any(t != "mlp" for t in self._layer_types)
         self.post_init()
 
     def forward(
@@ -167,6 +169,8 @@ class LlmpruneLlamaModel(LlmprunePreTrainedModel):
         )
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        if not self._has_attention:
+            use_cache, cache = False, None
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if position_ids is None:
@@ -174,7 +178,9 @@ class LlmpruneLlamaModel(LlmprunePreTrainedModel):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past
 
         masks = attention_mask  # generate() may hand over a ready {layer_type: mask} mapping
-        if not isinstance(masks, dict):
+        if not self._has_attention:
+            masks = {}
+        elif not isinstance(masks, dict):
             mask_kwargs = {"config": self.config, "inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
                            _MASK_CACHE_KW: cache, "position_ids": position_ids}
             masks = {"full_attention": create_causal_mask(**mask_kwargs)}
