@@ -115,9 +115,10 @@ class FfnLevels(Sequence[Level]):
         self.m, self.cost = m, g.ffn_channel_cost()
         self.base = g.hidden * g.down_bias  # an existing down_proj bias stays while the FFN does
         self.over = g.hidden if compensate and not g.down_bias else 0  # bias added when partly pruned
+        self.gone = g.hidden if compensate else 0  # removed with compensation: a bias-only sublayer stays
 
     def params(self, width: int) -> int:  # = mlp_kept_params(g, width, compensate), without building Geometries
-        return 0 if width == 0 else width * self.cost + self.base + self.over * (width < self.m)
+        return self.gone if width == 0 else width * self.cost + self.base + self.over * (width < self.m)
 
     def __len__(self) -> int:
         return len(self.widths)
