@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-seqlen", type=int, default=256)
     ap.add_argument("--mha-dir", type=Path, default=Path.home() / ".cache" / "llmprune" / "models" / "smollm2-135m-mha")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense rows")
     ap.add_argument("--in-process", action="store_true", help="run every measurement in this process (less overhead)")
     args = ap.parse_args(argv)
     run = bench_width.measure if args.in_process else bench_width.run_worker
@@ -85,14 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"calibration python-docs train {args.nsamples}x{args.seqlen}; evaluation python-docs test "
           f"{args.eval_windows}x{args.eval_seqlen}; cpu float32", flush=True)
     results = []
-    for m in args.models:
-        dense = run({**base, "model": models[m], "name": f"{m}/dense"})
-        results.append(dense)
-        print(f"{m} dense ppl {dense.get('ppl', dense.get('error'))}", flush=True)
-        for s in args.sparsities:
+    if not args.no_dense:
+        for m in args.models:
+            dense = run({**base, "model": models[m], "name": f"{m}/dense"})
+            results.append(dense)
+            print(f"{m} dense ppl {dense.get('ppl', dense.get('error'))}", flush=True)
+    for s in args.sparsities:  # sparsity-major: the first complete table row arrives soonest
+        for m in args.models:
             for v in args.variants:
                 r = run({**base, "model": models[m], "name": f"{m}/{v}", "recipe": "flap",
-                                            "overrides": VARIANTS[v], "sparsity": s})
+                         "overrides": VARIANTS[v], "sparsity": s})
                 results.append(r)
                 val = f"{r['ppl']:.2f} (linear sparsity {r['linear_sparsity']:.2%})" if "ppl" in r else r["error"]
                 print(f"{m} {v:18s} {s:.0%}: {val}", flush=True)
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in args.sparsities:
             cells = []
             for v in args.variants:
-                r = next(r for r in results if r["name"] == f"{m}/{v}" and r.get("sparsity_target") == s)
+                r = next((r for r in results if r["name"] == f"{m}/{v}" and r.get("sparsity_target") == s), {})
                 cells.append(f"{r['ppl']:.2f}" if "ppl" in r else "error")
             print(f"| {m} | {s:.0%} | " + " | ".join(cells) + " |")
     if args.json:
