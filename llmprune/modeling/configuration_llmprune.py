@@ -8,10 +8,14 @@
 from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
+from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING
 from transformers.models.llama.configuration_llama import LlamaConfig
 
 BASE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SKIPPABLE = ("attention", "mlp")
+# Layer type of an attention-free layer: a KV-cache placeholder that stores nothing. Newer transformers
+# know "mlp" (mapped to a dummy layer); 5.14 only has the "moe" placeholder.
+NO_ATTENTION = "mlp" if "mlp" in DYNAMIC_LAYER_TYPE_MAPPING or "dummy" in DYNAMIC_LAYER_TYPE_MAPPING else "moe"
 
 
 @strict  # required: re-collects the validate_* overrides below (the parent's would reject per-layer heads)
@@ -34,7 +38,7 @@ class LlmpruneLlamaConfig(LlamaConfig):
         out = []
         for i in range(self.num_hidden_layers):
             skip = self._skips(i)
-            out.append("mlp" if "attention" in skip else base[i])
+            out.append(NO_ATTENTION if "attention" in skip else base[i])
         return out
 
     def _skips(self, layer_idx: int) -> list[str]:

@@ -20,7 +20,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama import modeling_llama
 
-from .configuration_llmprune import LlmpruneLlamaConfig
+from .configuration_llmprune import NO_ATTENTION, LlmpruneLlamaConfig
 
 _MIN_TRANSFORMERS = (5, 14)
 if tuple(int(p) for p in transformers.__version__.split(".")[:2]) < _MIN_TRANSFORMERS:
@@ -144,7 +144,7 @@ class LlmpruneLlamaModel(LlmprunePreTrainedModel):
         self.gradient_checkpointing = False
         self._layer_types = list(config.layer_types)  # derived from per_layer_config: computed once, not per step
         # No attention anywhere: no KV cache, positions and masks are unused.
-        self._has_attention = any(t != "mlp" for t in self._layer_types)
+        self._has_attention = any(t != NO_ATTENTION for t in self._layer_types)
         self.post_init()
 
     def forward(
