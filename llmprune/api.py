@@ -32,10 +32,10 @@ from .recipe import ResolvedRecipe, load_recipe
 
 log = logging.getLogger(__name__)
 
-def calibration_tokens(tokenizer: Any, recipe: ResolvedRecipe, explicit_source: bool = True) -> tuple[torch.Tensor, dict]:
+def calibration_tokens(tokenizer: Any, recipe: ResolvedRecipe) -> tuple[torch.Tensor, dict]:
     """[nsamples, seqlen] calibration tokens as the recipe asks, and a description for provenance."""
     cal = recipe.recipe.calibration
-    source = data.resolve_default(cal.source, explicit=explicit_source)
+    source = data.resolve_source(cal.source)
     tokens, resolved = data.calibration_tokens(tokenizer, source, nsamples=cal.nsamples, seqlen=cal.seqlen,
                                                seed=cal.seed, text_field=cal.text_field, split=cal.split)
     desc = resolved.to_dict()
@@ -87,7 +87,7 @@ class RunResult:
 
 
 def run(model_id: str, recipe: ResolvedRecipe, out: str | Path, *, device: str = "auto", dtype: str = "auto",
-        overwrite: bool = False, explicit_source: bool = True, offload: bool = False, revision: str | None = None,
+        overwrite: bool = False, offload: bool = False, revision: str | None = None,
         progress: bool = True, command: str | None = None, keep_model: bool = False) -> RunResult:
     """The main job: load → calibrate → plan → apply → save. Returns where it went and the numbers."""
     t0 = time.perf_counter()
@@ -98,7 +98,7 @@ def run(model_id: str, recipe: ResolvedRecipe, out: str | Path, *, device: str =
     tokens, cal_desc = None, None
     if get_pruner(recipe.method).wants_data(recipe.options):
         t = time.perf_counter()
-        tokens, cal_desc = calibration_tokens(loaded.tokenizer, recipe, explicit_source=explicit_source)
+        tokens, cal_desc = calibration_tokens(loaded.tokenizer, recipe)
         timings["data_s"] = time.perf_counter() - t
     t = time.perf_counter()
     plan = make_plan(loaded.model, recipe, tokens, family=loaded.family, base_model=loaded.base_model,

@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .modeling import LlmpruneLlamaConfig
 from .plan import Plan
 
-CUSTOM_MODEL_TYPE = "llmprune_llama"
+CUSTOM_MODEL_TYPE = LlmpruneLlamaConfig.model_type  # "llmprune_llama": non-uniform checkpoints
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 A checkpoint is an ordinary HF folder: safetensors weights with the base model's tensor names
 (removed sublayers have no tensors), tokenizer and generation config, `config.json`, and
-`pruning.json` (Plan + provenance + results). Uniform results carry the stock config of the base
+`pruning.json` (Plan + provenance + parameter counts), written once at save time and never
+rewritten: evaluation results live in `report.json` (llmprune.evaluate.report). Uniform results carry the stock config of the base
 architecture; non-uniform ones `model_type: llmprune_llama` plus `auto_map` to the
 configuration/modeling files saved beside the weights, so they load with
 `trust_remote_code=True` where llmprune is not installed.
@@ -54,7 +55,7 @@ def save_pruned(model: nn.Module, tokenizer: Any, out: str | Path, plan: Plan, i
                 overwrite: bool = False, verify: bool = True) -> Path:
     """Write the pruned model to `out` atomically and return its path.
 
-    info: JSON-able provenance and results merged into pruning.json (keys: provenance, params, results).
+    info: JSON-able facts merged into pruning.json (keys: provenance, params, timings).
     """
     out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +114,7 @@ def _mark_remote_code(model: nn.Module) -> None:
 def _finish_config(path: Path, model: nn.Module) -> None:
     cfg_path = path / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    if cfg.get("model_type") == "llmprune_llama":
+    if cfg.get("model_type") == LlmpruneLlamaConfig.model_type:
         amap = cfg.setdefault("auto_map", {})
         amap.setdefault("AutoConfig", "configuration_llmprune.LlmpruneLlamaConfig")
         amap.setdefault("AutoModel", "modeling_llmprune.LlmpruneLlamaModel")
@@ -159,23 +160,6 @@ def load_pruned(path: str | Path, device: str | torch.device | None = None, dtyp
     model.eval()
     tok = AutoTokenizer.from_pretrained(path) if with_tokenizer else None
     return model, tok
-
-
-def read_pruning_info(path: str | Path) -> dict[str, Any]:
-    p = Path(path) / PRUNING_FILE
-    if not p.exists():
-        raise CheckpointError(f"{path} has no {PRUNING_FILE}: not an llmprune checkpoint")
-    return json.loads(p.read_text())
-
-
-def update_results(path: str | Path, results: dict[str, Any]) -> None:
-    """Merge `results` into pruning.json (atomic replace of that one file)."""
-    p = Path(path) / PRUNING_FILE
-    doc = read_pruning_info(path)
-    doc.setdefault("results", {}).update(results)
-    tmp = p.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, default=_json_default) + "\n")
-    tmp.replace(p)
 
 
 def now_iso() -> str:

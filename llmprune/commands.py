@@ -7,10 +7,13 @@ import json
 import shlex
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .recipe import ResolvedRecipe
 
 
-def _recipe_from_args(args: argparse.Namespace):  # noqa: ANN202
+def _recipe_from_args(args: argparse.Namespace) -> ResolvedRecipe:
     from .recipe import load_recipe, parse_override
 
     overrides: dict[str, Any] = dict(parse_override(o) for o in args.overrides)
@@ -23,33 +26,20 @@ def _recipe_from_args(args: argparse.Namespace):  # noqa: ANN202
                       ("batch_size", "calibration.batch_size")):
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
-    recipe = load_recipe(args.recipe, overrides)
-    explicit_source = args.calibration is not None or any(k == "calibration.source" for k in overrides) or \
-        _recipe_sets_source(recipe.origin)
-    return recipe, explicit_source
-
-
-def _recipe_sets_source(origin: str) -> bool:
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(origin).read_text()) or {}
-    except OSError:
-        return False
-    return "source" in (data.get("calibration") or {})
+    return load_recipe(args.recipe, overrides)
 
 
 def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     from . import api
 
-    recipe, explicit = _recipe_from_args(args)
+    recipe = _recipe_from_args(args)
     if args.push_to_hub:  # fail on a missing/invalid token now, not after an hour of pruning
         from .hub import preflight
 
         preflight(args.push_to_hub, token=args.hub_token, endpoint=args.hub_endpoint)
     eval_req = _main_eval_request(args)  # bad task names fail here, before any pruning work
     res = api.run(args.model, recipe, args.output, device=args.device, dtype=args.dtype, overwrite=args.overwrite,
-                  explicit_source=explicit, offload=args.offload, revision=args.revision, progress=not args.quiet,
+                  offload=args.offload, revision=args.revision, progress=not args.quiet,
                   command="llmprune " + shlex.join(_redact_secrets(argv)), keep_model=eval_req is not None)
     if not args.quiet:
         print(res.plan.summary())
@@ -161,14 +151,14 @@ def cmd_plan(args: argparse.Namespace, argv: list[str]) -> int:
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise ValueError(f"{out} exists; pass --overwrite to replace it")
-    recipe, explicit = _recipe_from_args(args)
+    recipe = _recipe_from_args(args)
     t = time.perf_counter()
     loaded = api.load(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
     tokens = None
     from .prune import get_pruner
 
     if get_pruner(recipe.method).wants_data(recipe.options):
-        tokens, _ = api.calibration_tokens(loaded.tokenizer, recipe, explicit_source=explicit)
+        tokens, _ = api.calibration_tokens(loaded.tokenizer, recipe)
     plan = api.make_plan(loaded.model, recipe, tokens, family=loaded.family, base_model=loaded.base_model,
                          offload=args.offload, progress=not args.quiet)
     plan.base_revision = args.revision
@@ -199,6 +189,8 @@ def cmd_apply(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace, argv: list[str]) -> int:
+    from .card_facts import CUSTOM_MODEL_TYPE
+    from .checkpoint import PRUNING_FILE
     from .plan import Plan
 
     path = Path(args.path)
@@ -214,37 +206,50 @@ def cmd_inspect(args: argparse.Namespace, argv: list[str]) -> int:
     if removals:
         print(removals)
     if path.is_dir():
-        doc = json.loads((path / "pruning.json").read_text())
+        doc = json.loads((path / PRUNING_FILE).read_text())
         cfg = json.loads((path / "config.json").read_text())
         kind = "non-uniform (llmprune_llama, needs trust_remote_code without llmprune)" \
-            if cfg.get("model_type") == "llmprune_llama" else f"uniform (stock {cfg.get('model_type')})"
+            if cfg.get("model_type") == CUSTOM_MODEL_TYPE else f"uniform (stock {cfg.get('model_type')})"
         print(f"checkpoint: {kind}")
         if "params" in doc:
             p = doc["params"]
             print(f"total params {p['total_before']:,} -> {p['total_after']:,} ({p['total_sparsity']:.2%} removed)")
         if doc.get("artifacts"):
             print(f"artifacts: {', '.join(str(path / a) for a in doc['artifacts'])}")
-        for key, val in (doc.get("results") or {}).items():
-            print(_result_line(path, key, val))
+        print("\n".join(_report_lines(path)))
     return 0
 
 
-def _result_line(path: Path, key: str, val: Any) -> str:
-    """One readable line per stored result (the full data stays in pruning.json / report.json)."""
-    if isinstance(val, dict) and isinstance(val.get("perplexity"), (int, float)):
-        data = val.get("dataset") or {}
-        where = f" on {data.get('spec')} [{data.get('split')}]" if isinstance(data, dict) and data.get("spec") else ""
-        who = f" ({val['model']})" if val.get("model") else ""
-        return f"result {key}{who}: perplexity {val['perplexity']:.3f}{where}"
-    if key == "report" and (path / "report.md").exists():
-        return f"result report: {path / 'report.md'}"
-    text = json.dumps(val, default=str)
-    return f"result {key}: {text if len(text) <= 120 else text[:117] + '...'}"
+def _report_lines(path: Path) -> list[str]:
+    """A few readable lines from the checkpoint's report.json (the full data stays there and in report.md)."""
+    from .evaluate.report import REPORT_JSON, REPORT_MD
+
+    file = path / REPORT_JSON
+    if not file.is_file():
+        return ["evaluation: none stored (run `llmprune eval DIR`)"]
+    try:
+        report = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        return [f"evaluation: {file} is not valid JSON ({e})"]
+    lines = []
+    for name, e in (report.get("perplexity") or {}).items():
+        base = f", baseline {e['baseline']:.3f}" if isinstance(e.get("baseline"), (int, float)) else ""
+        if isinstance(e.get("pruned"), (int, float)):
+            lines.append(f"perplexity on {name} [{e.get('split')}]: {e['pruned']:.3f}{base}")
+    avg = report.get("tasks_average") or {}
+    if isinstance(avg.get("pruned"), (int, float)):
+        kept = f" ({avg['retained_pct']:.1f} % of the baseline)" if isinstance(avg.get("retained_pct"), (int, float)) \
+            else ""
+        lines.append(f"lm-eval tasks: mean {avg['pruned']:.4f} over {avg.get('n_tasks')} task(s){kept}")
+    if report.get("speed"):
+        lines.append("speed: measured (see the report)")
+    lines.append(f"report: {path / REPORT_MD}")
+    return lines
 
 
 def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
     from . import api
-    from .checkpoint import update_results
+    from .checkpoint import PRUNING_FILE
     from .evaluate.runner import EvalRequest, PerplexityRequest, print_summary
     from .evaluate.tasks import parse_task_spec
 
@@ -253,10 +258,9 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
         raise ValueError("--limit / --num-fewshot / --include-path apply to lm-eval tasks; add --tasks")
     ppl = None
     if args.data is not None or not tasks:  # perplexity only: the old behaviour of `eval`
-        ppl = PerplexityRequest(source=args.data or "wikitext2", split=args.split, seqlen=args.seqlen,
-                                max_windows=args.max_windows, explicit=args.data is not None)
+        ppl = PerplexityRequest(source=args.data, split=args.split, seqlen=args.seqlen, max_windows=args.max_windows)
     path = Path(args.path)
-    is_ckpt = (path / "pruning.json").exists()
+    is_ckpt = (path / PRUNING_FILE).exists()
     report_dir = Path(args.report) if args.report else (path if is_ckpt else None)
     if report_dir is not None and not report_dir.is_dir():
         raise ValueError(f"--report {report_dir}: no such directory")
@@ -273,14 +277,6 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
         width = max(len(r[0]) for r in rows)
         for label, p, nll in rows:
             print(f"  {label.ljust(width)}  ppl {p:10.3f}   nll {nll:.4f}")
-        if is_ckpt:  # the flat keys earlier versions wrote, kept for readers of pruning.json
-            common = {"n_windows": e["n_windows"], "seqlen": e["seqlen"], "n_tokens": e["n_tokens"]}
-            legacy: dict[str, Any] = {"perplexity": {"dataset": e["source"], "perplexity": e["pruned"],
-                                                     "nll": e["pruned_nll"], **common}}
-            if e.get("baseline") is not None:
-                legacy["perplexity_baseline"] = {"model": req.baseline, "perplexity": e["baseline"],
-                                                 "nll": e["baseline_nll"], **common}
-            update_results(path, legacy)
     if run.get("tasks"):
         print(print_summary({"tasks": run["tasks"], "tasks_average": run.get("tasks_average")}))
     if report_dir is not None:

@@ -15,6 +15,10 @@ Wanda/SparseGPT calibration recipe and the wikitext-2 perplexity protocol.
 Hub access never stalls an offline machine: when ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` is set,
 or a 2 s TCP probe of the Hub endpoint fails, ``datasets`` is run with its offline mode forced, so
 it answers from the local cache at once instead of retrying for ~25 s.
+
+``source=None`` (a recipe or request that names no data) is resolved once, by :func:`resolve_source`:
+wikitext2, or ``python-docs`` with a warning when wikitext2 cannot be loaded. A named source never
+falls back.
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ from .textfiles import _FIELD_FIX, _LOCAL_SUFFIXES, _SPLIT_ALIASES, DataError, _
 logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_SOURCE", "FALLBACK_SOURCE", "PRESETS", "DataError", "Preset", "ResolvedSource",
-           "calibration_tokens", "eval_tokens", "load_documents", "resolve_default"]
+           "calibration_tokens", "eval_tokens", "load_documents", "resolve_source"]
 
 DEFAULT_SOURCE = "wikitext2"
 FALLBACK_SOURCE = "python-docs"
@@ -344,27 +348,27 @@ def _preset_available(name: str) -> bool:
     return not _offline_requested() and _hub_reachable()
 
 
-def resolve_default(source: str | None, explicit: bool) -> str:
-    """The data source the CLI should use.
+def resolve_source(source: str | None) -> str:
+    """The one place the default data source is decided: ``None`` means "the default".
 
-    An explicit source is returned unchanged (errors surface when it is loaded). Otherwise
-    ``source or DEFAULT_SOURCE`` is kept if it is a local/offline source or a Hub preset that can be
-    loaded, and replaced by the offline preset ``python-docs`` (with a WARNING) if not.
+    A source the user named (CLI flag, ``key=value`` override, recipe YAML, Python argument) is
+    returned unchanged and never replaced: errors surface when it is loaded. ``None`` becomes
+    ``DEFAULT_SOURCE`` (wikitext2) when that preset can be loaded, else the offline preset
+    ``python-docs`` with a WARNING.
 
     The check is fast: the preset is first looked up in the local cache with the libraries' offline
     mode forced (no network at all); if it is not cached and HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is
     not set, a TCP connection to the Hub endpoint (or the HTTPS proxy) is tried with a 2 s timeout.
     """
-    chosen = source or DEFAULT_SOURCE
-    if explicit:
-        return chosen
-    name = _ALIASES.get(chosen.lower(), chosen.lower())
-    if name not in PRESETS or not PRESETS[name].hub_ids or _preset_available(name):
-        return chosen
+    if source is not None:
+        return source
+    if _preset_available(DEFAULT_SOURCE):
+        return DEFAULT_SOURCE
     logger.warning("data: the default data %r cannot be loaded (Hugging Face Hub offline or "
                    "unreachable, and it is not in the local cache); falling back to the offline "
                    "preset %r. Numbers will not be comparable with %s results: pre-cache %s once "
-                   "online, or pass a data source explicitly.", chosen, FALLBACK_SOURCE, chosen, chosen)
+                   "online, or pass a data source explicitly.", DEFAULT_SOURCE, FALLBACK_SOURCE,
+                   DEFAULT_SOURCE, DEFAULT_SOURCE)
     return FALLBACK_SOURCE
 
 

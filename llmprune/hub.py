@@ -27,7 +27,9 @@ from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, Reposit
 from huggingface_hub.utils import HFValidationError, get_token, validate_repo_id
 
 from . import __version__
-from .checkpoint import CHECKPOINT_FORMAT, PRUNING_FILE
+from .card_facts import CUSTOM_MODEL_TYPE
+from .checkpoint import CHECKPOINT_FORMAT, PRUNING_FILE, RECIPE_FILE
+from .evaluate.report import REPORT_JSON, REPORT_MD
 from .modelcard import CARD_FILE, build_model_card, write_model_card
 from .modeling import REMOTE_CODE_FILES
 
@@ -35,10 +37,10 @@ log = logging.getLogger(__name__)
 
 # What travels: exact names, then patterns; everything else in the folder (temp files, plans,
 # notes, other weight formats) stays local. Subfolders only for extra chat templates.
-UPLOAD_NAMES = ("config.json", "generation_config.json", PRUNING_FILE, "llmprune_recipe.yaml",
+UPLOAD_NAMES = ("config.json", "generation_config.json", PRUNING_FILE, RECIPE_FILE,
                 "model.safetensors.index.json", *REMOTE_CODE_FILES, "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt",
-                "vocab.txt", "chat_template.jinja", "chat_template.json", "report.json", "report.md", CARD_FILE)
+                "vocab.txt", "chat_template.jinja", "chat_template.json", REPORT_JSON, REPORT_MD, CARD_FILE)
 UPLOAD_PATTERNS = ("*.safetensors", "*.png", "additional_chat_templates/*.jinja")
 LOGIN_HELP = "log in with `hf auth login`, or set HF_TOKEN, or pass --token (a token with write access)"
 TOKENS_URL = "https://huggingface.co/settings/tokens"
@@ -85,7 +87,7 @@ def check_checkpoint(checkpoint_dir: str | Path) -> dict[str, Any]:
             raise PushError(f"{d}: weight shards listed in the index are missing: {', '.join(absent)}")
     elif not (d / "model.safetensors").is_file():
         raise PushError(f"{d} has no model.safetensors (nor a sharded index): the weights are missing")
-    if json.loads((d / "config.json").read_text()).get("model_type") == "llmprune_llama":
+    if json.loads((d / "config.json").read_text()).get("model_type") == CUSTOM_MODEL_TYPE:
         absent = [f for f in REMOTE_CODE_FILES if not (d / f).is_file()]
         if absent:
             raise PushError(f"{d}: non-uniform checkpoint without its architecture files {', '.join(absent)}; "

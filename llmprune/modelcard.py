@@ -2,8 +2,7 @@
 
 `build_model_card(dir, repo_id)` reads only what the checkpoint holds — pruning.json (plan,
 provenance, parameter counts, method reports such as FinerCut's removal_order), config.json and the
-evaluation report (report.json, or pruning.json["results"]["report"], or the perplexity that
-`llmprune eval` merged into pruning.json) — and never touches the network or the weights. Every
+evaluation report (report.json, the only place results are stored) — and never touches the network or the weights. Every
 section tolerates missing data and says so ("not evaluated") instead of inventing numbers.
 
 Metadata (the YAML block the Hub indexes):
@@ -30,11 +29,11 @@ from .card_facts import CardFacts, LicenseInfo
 from .card_sections import (evaluation_section, is_number, load_section, provenance_section, speed_section,
                             structure_section)
 from .checkpoint import PRUNING_FILE, CheckpointError
+from .evaluate.report import REPORT_JSON
 from .plan import Plan
 
 log = logging.getLogger(__name__)
 
-REPORT_FILE = "report.json"
 CARD_FILE = "README.md"
 # Marks a card written by llmprune: such a README.md is regenerated on every push; one without the
 # marker was written by the user and is uploaded unchanged.
@@ -57,7 +56,7 @@ def read_facts(checkpoint_dir: str | Path, repo_id: str | None = None, revision:
     prov = doc.get("provenance") or {}
     base = plan.base_model or prov.get("base_model")
     hub_base = base if is_hub_id(base) else None
-    return CardFacts(path=path, doc=doc, plan=plan, config=config, report=load_report(path, doc), repo_id=repo_id,
+    return CardFacts(path=path, doc=doc, plan=plan, config=config, report=load_report(path), repo_id=repo_id,
                      revision=revision, base_model=hub_base, base_label=str(base or "unknown base model"),
                      license=base_license(hub_base, prov, cache_dir), datasets=calibration_datasets(prov))
 
@@ -75,29 +74,17 @@ def is_hub_id(name: str | None) -> bool:
     return True
 
 
-def load_report(path: Path, doc: dict[str, Any]) -> dict[str, Any]:
-    """report.json (REPORT_SCHEMA.md), else pruning.json results.report, plus `llmprune eval` perplexity."""
-    report: dict[str, Any] = {}
-    file = path / REPORT_FILE
-    if file.is_file():
-        try:
-            report = json.loads(file.read_text())
-        except json.JSONDecodeError as e:
-            log.warning("ignoring %s: not valid JSON (%s)", file, e)
-    results = doc.get("results") or {}
-    if not report and isinstance(results.get("report"), dict):
-        report = dict(results["report"])
-    report = dict(report) if isinstance(report, dict) else {}
-    legacy = results.get("perplexity")
-    if not report.get("perplexity") and isinstance(legacy, dict) and "perplexity" in legacy:
-        ds = legacy.get("dataset") or {}
-        base = results.get("perplexity_baseline") or {}
-        report["perplexity"] = {str(ds.get("name") or ds.get("spec") or "text"): {
-            "split": ds.get("split"), "seqlen": legacy.get("seqlen"), "n_windows": legacy.get("n_windows"),
-            "pruned": legacy.get("perplexity"), "baseline": base.get("perplexity")}}
-        if base.get("model") and not report.get("baseline"):
-            report["baseline"] = base["model"]
-    return report
+def load_report(path: Path) -> dict[str, Any]:
+    """The checkpoint's report.json (see llmprune.evaluate.report), or {} when it has none or it is unreadable."""
+    file = path / REPORT_JSON
+    if not file.is_file():
+        return {}
+    try:
+        report = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        log.warning("ignoring %s: not valid JSON (%s)", file, e)
+        return {}
+    return report if isinstance(report, dict) else {}
 
 
 def base_license(base_model: str | None, provenance: dict[str, Any],

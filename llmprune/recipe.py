@@ -43,7 +43,9 @@ def builtin_recipes() -> dict[str, Path]:
 
 class CalibrationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    source: str = "wikitext2"  # preset (wikitext2, c4, pile, python-docs), Hub dataset id, or local path
+    # preset (wikitext2, c4, pile, python-docs), Hub dataset id, or local path; None: the default,
+    # resolved once by data.resolve_source (wikitext2, or python-docs with a warning when unreachable)
+    source: str | None = None
     split: str = "train"
     text_field: str = "text"
     nsamples: int = Field(128, ge=1)

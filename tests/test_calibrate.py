@@ -94,9 +94,36 @@ def test_block_similarity_values():
     assert math.isclose(acc.one_minus_cos_sum, 0.0 + 1.0 + 1.0)
 
 
-def test_offload_walk_matches(tokens):
+def _spy_on_blocks(model, fam, events: list) -> None:
+    """Record every block's .to() target and the device of its weights whenever it runs."""
+    for i, layer in enumerate(fam.layers(model)):
+        def to(*args, _i=i, _orig=layer.to, **kwargs):
+            events.append(("to", _i, str(torch.device(args[0] if args else kwargs["device"]))))
+            return _orig(*args, **kwargs)
+
+        layer.to = to
+        layer.register_forward_pre_hook(lambda m, a, _i=i: events.append(("run", _i, str(next(m.parameters()).device))))
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_offload_visits_the_device_one_block_at_a_time(tokens, device):
+    """With offload each block goes to the compute device just before it runs and home right after; the
+    statistics equal those of the resident walk."""
     model = make_model("llama")
     fam = family_for(model.config)
-    a = calibrate(model, tokens, sites=("mlp.down_in",), family=fam, progress=False)
-    b = calibrate(model, tokens, sites=("mlp.down_in",), family=fam, offload=True, progress=False)
-    torch.testing.assert_close(a["L2.mlp.down_in"].mean, b["L2.mlp.down_in"].mean)
+    events: list = []
+    _spy_on_blocks(model, fam, events)
+    a = calibrate(model, tokens, sites=("mlp.down_in",), family=fam, device=device, batch_size=2, progress=False)
+    assert {e[0] for e in events} == {"run"}  # resident walk: no block moves
+    events.clear()
+    b = calibrate(model, tokens, sites=("mlp.down_in",), family=fam, device=device, batch_size=2, offload=True,
+                  progress=False)
+    n_batches = -(-tokens.shape[0] // 2)
+    dev = str(torch.device(device))
+    expected = []
+    for i in range(len(fam.layers(model))):
+        expected += [("to", i, dev)] + [("run", i, dev)] * n_batches + [("to", i, "cpu")]
+    assert events == expected
+    assert all(p.device.type == "cpu" for p in model.parameters())  # every block is back home
+    for site in ("L0.mlp.down_in", "L2.mlp.down_in"):
+        torch.testing.assert_close(a[site].mean, b[site].mean)

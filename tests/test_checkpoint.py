@@ -53,7 +53,7 @@ def test_nonuniform_round_trip_both_loaders(tmp_path, tokens, tiny_tokenizer, fa
     plan = mixed_plan(model, compensate=True)
     pruned = surgery.apply(model, plan)
     ref = pruned(tokens).logits
-    out = save_pruned(pruned, tiny_tokenizer, tmp_path / "ckpt", plan, info={"results": {"x": 1}})
+    out = save_pruned(pruned, tiny_tokenizer, tmp_path / "ckpt", plan, info={"params": {"x": 1}})
     files = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "pruning.json", "configuration_llmprune.py",
             "modeling_llmprune.py", "tokenizer.json"} <= files
@@ -73,7 +73,7 @@ def test_nonuniform_round_trip_both_loaders(tmp_path, tokens, tiny_tokenizer, fa
     assert torch.equal(torch.tensor(remote["gen"]), pruned.generate(tokens[:1], max_new_tokens=4, do_sample=False))
 
     doc = json.loads((out / "pruning.json").read_text())
-    assert doc["format"] == "llmprune.checkpoint" and doc["results"] == {"x": 1}
+    assert doc["format"] == "llmprune.checkpoint" and doc["params"] == {"x": 1}
     assert Plan.load(out).to_dict() == plan.to_dict()
 
 
@@ -119,10 +119,3 @@ def test_failed_save_leaves_nothing_behind(tmp_path, tiny_tokenizer, monkeypatch
         save_pruned(model, tiny_tokenizer, tmp_path / "out", plan)
     assert list(tmp_path.iterdir()) == []
 
-
-def test_update_results_merges(tmp_path, tiny_tokenizer):
-    model = make_model("llama")
-    plan = Plan.identity(family_for(model.config).geometry(model))
-    out = save_pruned(model, tiny_tokenizer, tmp_path / "o", plan, info={"results": {"a": 1}})
-    checkpoint.update_results(out, {"b": 2})
-    assert checkpoint.read_pruning_info(out)["results"] == {"a": 1, "b": 2}

@@ -32,8 +32,10 @@ def test_main_job_then_inspect_and_eval(tmp_path, model_dir, text_file, capsys):
     assert "linear params" in capsys.readouterr().out
     assert run_cli("eval", out, "--data", text_file, "--seqlen", "32", "--max-windows", "4", "-q") == 0
     assert "ppl" in capsys.readouterr().out
-    ppl = json.loads((out / "pruning.json").read_text())["results"]["perplexity"]
-    assert ppl["n_windows"] == 4 and ppl["perplexity"] > 1
+    ppl = json.loads((out / "report.json").read_text())["perplexity"][str(text_file.resolve())]
+    assert ppl["n_windows"] == 4 and ppl["pruned"] > 1
+    assert run_cli("inspect", out) == 0
+    assert f"perplexity on {text_file.resolve()} [all]: {ppl['pruned']:.3f}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("family_name", ["mistral"])
@@ -104,3 +106,27 @@ def test_help_lists_every_flag_and_subcommand(capsys):
         assert flag in text
     for sub in ("plan", "apply", "inspect", "eval"):
         assert f"\n  {sub}" in text
+
+
+@pytest.mark.parametrize("family_name", ["llama"])
+def test_default_calibration_source_falls_back_but_a_named_one_never(tmp_path, model_dir, monkeypatch, capsys):
+    """No source anywhere -> wikitext2, or python-docs when wikitext2 cannot be loaded; a named source stays."""
+    from llmprune import data
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(data, "_preset_available", lambda name: False)  # wikitext2 not cached
+    small = ["--model", model_dir, "--recipe", "flap", "--sparsity", "0.2", "--nsamples", "4", "--seqlen", "32", "-q"]
+    assert run_cli(*small, "-o", tmp_path / "a") == 0
+    cal = json.loads((tmp_path / "a" / "pruning.json").read_text())["provenance"]["calibration"]
+    assert cal["spec"] == "python-docs"
+
+    def probe(name: str) -> bool:
+        raise AssertionError("a named source must not be probed")
+
+    monkeypatch.setattr(data, "_preset_available", probe)
+    assert run_cli(*small, "--calibration", "wikitext2", "-o", tmp_path / "b") == 2  # offline: no fallback
+    assert "wikitext" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    assert run_cli(*small, "--set", "calibration.source=python-docs", "-o", tmp_path / "c") == 0
+    cal = json.loads((tmp_path / "c" / "pruning.json").read_text())["provenance"]["calibration"]
+    assert cal["spec"] == "python-docs"

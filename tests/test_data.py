@@ -21,7 +21,7 @@ from llmprune.data import (
     calibration_tokens,
     eval_tokens,
     load_documents,
-    resolve_default,
+    resolve_source,
 )
 
 
@@ -311,34 +311,35 @@ def test_hub_id_unreachable_without_offline_flag_is_fast() -> None:
 
 
 @pytest.mark.usefixtures("offline_env")
-def test_resolve_default_falls_back_when_offline(caplog: pytest.LogCaptureFixture) -> None:
+def test_default_source_falls_back_when_offline(caplog: pytest.LogCaptureFixture) -> None:
     start = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="llmprune.data"):
-        assert resolve_default(None, explicit=False) == "python-docs"
+        assert resolve_source(None) == "python-docs"
     assert time.monotonic() - start < 10
     assert "falling back" in caplog.text and "python-docs" in caplog.text and "wikitext2" in caplog.text
 
 
 @pytest.mark.usefixtures("online_env")
-def test_resolve_default_falls_back_when_hub_unreachable() -> None:
+def test_default_source_falls_back_when_hub_unreachable() -> None:
     start = time.monotonic()
-    assert resolve_default("wikitext2", explicit=False) == "python-docs"
+    assert resolve_source(None) == "python-docs"
     assert time.monotonic() - start < 10
 
 
-def test_resolve_default_keeps_explicit_and_available(monkeypatch, caplog) -> None:
+@pytest.mark.usefixtures("offline_env")
+def test_named_source_is_never_probed_nor_replaced(monkeypatch, caplog) -> None:
     def probe(name: str) -> bool:
-        raise AssertionError("an explicit source must not be probed")
+        raise AssertionError("a named source must not be probed")
 
     monkeypatch.setattr(data, "_preset_available", probe)
     with caplog.at_level(logging.WARNING):
-        assert resolve_default("wikitext2", explicit=True) == "wikitext2"
-        assert resolve_default("someorg/x", explicit=True) == "someorg/x"
-        assert resolve_default("python-docs", explicit=False) == "python-docs"  # offline: no probe
-        assert resolve_default("some/local.jsonl", explicit=False) == "some/local.jsonl"
+        assert resolve_source("wikitext2") == "wikitext2"  # offline, yet kept: the user asked for it
+        assert resolve_source("someorg/x") == "someorg/x"
+        assert resolve_source("python-docs") == "python-docs"
+        assert resolve_source("some/local.jsonl") == "some/local.jsonl"
     monkeypatch.setattr(data, "_preset_available", lambda name: True)
     with caplog.at_level(logging.WARNING):
-        assert resolve_default(None, explicit=False) == "wikitext2"
+        assert resolve_source(None) == "wikitext2"
     assert "falling back" not in caplog.text
 
 
@@ -366,7 +367,7 @@ def test_cached_wikitext2_is_kept_and_read_without_network(tmp_path: Path) -> No
     (cached / "dataset_info.json").write_text(json.dumps(info))
 
     start = time.monotonic()
-    assert resolve_default(None, explicit=False) == "wikitext2"
+    assert resolve_source(None) == "wikitext2"
     docs, src = load_documents("wikitext2", split="eval")
     assert time.monotonic() - start < 10
     assert docs == ["", " = test heading = \n", " test body text\n"]  # empty rows kept (standard join)

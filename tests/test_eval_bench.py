@@ -70,7 +70,7 @@ def test_bench_command_output_schema(pair, capsys):
     expect = ideal_speedups(plan.geometry, plan.geometry_after(), 64, dense.config.vocab_size, 12, 3)
     assert speed["ideal_speedup"] == pytest.approx(expect["ideal_speedup"]) and speed["ideal_speedup"] > 1
     assert (ckpt / "report.png").exists() and "## Speed and memory" in (ckpt / "report.md").read_text()
-    assert json.loads((ckpt / "pruning.json").read_text())["results"]["report"]["speed"] == speed
+    assert "results" not in json.loads((ckpt / "pruning.json").read_text())  # report.json is the one copy
 
 
 def test_prefill_keeps_last_logits_and_cache_matches_geometry(pair):

@@ -51,9 +51,17 @@ def test_hand_computed_scores(metric, expected):
     torch.testing.assert_close(f_mlp, mlp)  # FFN scores are not squared
 
 
-def test_mha_weight_is_the_released_integer_constant():
-    assert mha_unit_weight(Geometry(hidden=4096, n_q_heads=32, n_kv_heads=32, head_dim=128, intermediate=11008)) == 170
-    assert int(512 / 3) == 170  # what the released code's integer tensor stores
+@pytest.mark.parametrize("head_dim, hidden, weight", [
+    (128, 4096, 170),  # LLaMA-7B: the released code's integer tensor stores 512 / 3 -> 170
+    (128, 2048, 170),  # the weight does not depend on the hidden size (4·hd·d / 3d)
+    (64, 576, 85),     # 85.33 floored
+    (80, 2560, 106),   # 106.67 floored, not rounded (round would give 107)
+    (96, 3072, 128),   # exact
+])
+def test_mha_weight_is_the_released_floored_integer(head_dim, hidden, weight):
+    g = Geometry(hidden=hidden, n_q_heads=hidden // head_dim, n_kv_heads=hidden // head_dim, head_dim=head_dim,
+                 intermediate=4 * hidden)
+    assert mha_unit_weight(g) == weight
 
 
 def test_faithful_al_am_differs_from_exact_costs():

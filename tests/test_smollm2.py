@@ -43,5 +43,5 @@ def test_magnitude_prune_save_reload_perplexity(tmp_path, smol, capsys):
     # so only order and finiteness are asserted; the data-aware pruners are held to stricter bounds.
     assert 1 < dense.perplexity < 50 and dense.perplexity < pruned.perplexity < float("inf")
     assert main(["eval", str(out), "--data", "python-docs", "--seqlen", "128", "--max-windows", "8", "-q"]) == 0
-    saved = json.loads((out / "pruning.json").read_text())["results"]["perplexity"]
-    assert abs(saved["perplexity"] - pruned.perplexity) < 1e-6 * pruned.perplexity
+    saved = json.loads((out / "report.json").read_text())["perplexity"]["python-docs"]
+    assert abs(saved["pruned"] - pruned.perplexity) < 1e-6 * pruned.perplexity

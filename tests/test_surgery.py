@@ -189,5 +189,23 @@ def test_plan_json_round_trip(tmp_path):
     plan.extras["note"] = "x"
     plan.save(tmp_path / "plan.json")
     back = Plan.load(tmp_path / "plan.json")
-    assert back.to_dict() == plan.to_dict()
-    assert back.params_after() == plan.params_after() < plan.params_before()
+    assert back.to_dict() == plan.to_dict() and back.extras["note"] == "x"
+    assert back.layers == plan.layers and back.geometry == plan.geometry
+
+
+def _decoder_linear_params(model) -> int:
+    fam = family_for(model.config)
+    return sum(p.numel() for layer in fam.layers(model) for m in layer.modules() if isinstance(m, torch.nn.Linear)
+               for p in m.parameters())
+
+
+@pytest.mark.parametrize("family_name", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("compensate", [False, True])
+def test_plan_parameter_counts_match_the_pruned_model(family_name, compensate):
+    """params_before/after and sparsity() count what the models really hold (compensation biases included)."""
+    model = make_model(family_name)
+    plan = mixed_plan(model, compensate=compensate)
+    pruned = surgery.apply(model, plan)
+    before, after = _decoder_linear_params(model), _decoder_linear_params(pruned)
+    assert (plan.params_before(), plan.params_after()) == (before, after) and after < before
+    assert plan.sparsity() == pytest.approx(1 - after / before)

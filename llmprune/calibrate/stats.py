@@ -54,9 +54,6 @@ class RunningMoments:
         """‖X_j‖₂ over all tokens (Wanda's activation norm)."""
         return self.sumsq().sqrt()
 
-    def mean_sq(self) -> torch.Tensor:
-        return self.sumsq() / max(self.count, 1)
-
     def _check(self) -> None:
         if self.count == 0 or self.mean is None:
             raise ValueError("no data was recorded at this site")

@@ -7,7 +7,7 @@
     memory.py      peak memory incl. the KV cache (CUDA in process, CPU in fresh subprocesses)
     speed.py       dense vs pruned: the report's `speed` section
     runner.py      eval jobs: pruned model + baseline (cached) -> report sections
-    report.py      report.json / report.md, merging, pruning.json;  figure.py  report.png
+    report.py      report.json / report.md, merging;  figure.py  report.png
 """
 from __future__ import annotations
 

@@ -64,11 +64,12 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int, batch_size: 
                             n_tokens=n_pred)
 
 
-def eval_perplexity(model: nn.Module, tokenizer: Any, source: str = "wikitext2", seqlen: int = 512,
-                    split: str = "test", explicit_source: bool = True, max_windows: int | None = None,
+def eval_perplexity(model: nn.Module, tokenizer: Any, source: str | None = None, seqlen: int = 512,
+                    split: str = "test", max_windows: int | None = None,
                     batch_size: int = 1, text_field: str = "text", progress: bool = True) -> tuple[PerplexityResult, dict]:
-    """Perplexity on a named dataset or local text; returns the result and the resolved source."""
-    source = data.resolve_default(source, explicit=explicit_source)
+    """Perplexity on a named dataset or local text (None: the default, see data.resolve_source); returns the
+    result and the resolved source."""
+    source = data.resolve_source(source)
     tokens, resolved = data.eval_tokens(tokenizer, source, split=split, text_field=text_field)
     res = perplexity(model, tokens, seqlen=seqlen, batch_size=batch_size, max_windows=max_windows, progress=progress)
     return res, resolved.to_dict()

@@ -2,8 +2,8 @@
 
 One report per checkpoint. `llmprune eval`, `llmprune bench` and `--eval-tasks` each add their
 sections; re-running merges into the existing report (perplexity per dataset, tasks per name,
-speed replaced as a whole) instead of discarding what was measured before. The same object is
-stored under `results.report` in `pruning.json`. Schema (all sections optional)::
+speed replaced as a whole) instead of discarding what was measured before. report.json is the only
+place results are stored (`pruning.json` is written once, at save time). Schema (all sections optional)::
 
     format, version, created, model, baseline, environment,
     perplexity: {dataset: {split, seqlen, n_windows, pruned, baseline, ...}},
@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import PRUNING_FILE, now_iso, update_results
+from ..checkpoint import PRUNING_FILE, now_iso
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def finalize(report: dict[str, Any]) -> dict[str, Any]:
 
 # ---- saving --------------------------------------------------------------------------------------------------
 def save_report(directory: str | Path, report: dict[str, Any], figure: bool = True) -> list[Path]:
-    """Write report.json, report.md and (when there is something to plot) report.png; merge into pruning.json."""
+    """Write report.json, report.md and (when there is something to plot) report.png."""
     from .figure import render_figure
 
     d = Path(directory)
@@ -159,8 +159,6 @@ def save_report(directory: str | Path, report: dict[str, Any], figure: bool = Tr
     _atomic_write(d / REPORT_JSON, json.dumps(report, indent=1, default=_json_default, allow_nan=False) + "\n")
     _atomic_write(d / REPORT_MD, render_markdown(report, _pruning_params(d)))
     written[:0] = [d / REPORT_JSON, d / REPORT_MD]
-    if (d / PRUNING_FILE).exists():
-        update_results(d, {"report": report})
     return written
 
 

@@ -30,11 +30,10 @@ class BaselineError(ValueError):
 
 @dataclass
 class PerplexityRequest:
-    source: str = "wikitext2"
+    source: str | None = None  # None: the default, resolved once by data.resolve_source
     split: str = "test"
     seqlen: int = 512
     max_windows: int | None = None
-    explicit: bool = True  # False: an unreachable default falls back to python-docs (see data.resolve_default)
 
 
 @dataclass
@@ -156,7 +155,7 @@ def evaluate_pruned(model: nn.Module, tokenizer: Any, req: EvalRequest, task_man
     out = PrunedResults(task_manager=task_manager)
     if req.perplexity is not None:
         p = req.perplexity
-        res, src = eval_perplexity(model, tokenizer, p.source, seqlen=p.seqlen, split=p.split, explicit_source=p.explicit,
+        res, src = eval_perplexity(model, tokenizer, p.source, seqlen=p.seqlen, split=p.split,
                                    max_windows=p.max_windows, batch_size=req.batch_size, progress=progress)
         out.perplexity = (_source_id(src), res, src)
     if req.tasks:
@@ -200,7 +199,7 @@ def evaluate_baseline(req: EvalRequest, pruned: PrunedResults, device: torch.dev
             assert p is not None
             # the pruned run resolved the source (fallbacks included); the baseline reads exactly that one
             res, _ = eval_perplexity(base.model, base.tokenizer, what, seqlen=p.seqlen,
-                                     split=p.split, explicit_source=True, max_windows=p.max_windows,
+                                     split=p.split, max_windows=p.max_windows,
                                      batch_size=req.batch_size, progress=progress)
             found[k] = res.to_dict()
     del base

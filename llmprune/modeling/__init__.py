@@ -5,12 +5,9 @@ checkpoints load without `trust_remote_code` when llmprune is installed.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from .configuration_llmprune import LlmpruneLlamaConfig
 from .modeling_llmprune import LlmpruneLlamaForCausalLM, LlmpruneLlamaModel
 
-MODELING_DIR = Path(__file__).parent
 REMOTE_CODE_FILES = ("configuration_llmprune.py", "modeling_llmprune.py")
 _registered = False
 
@@ -27,5 +24,5 @@ def register() -> None:
     _registered = True
 
 
-__all__ = ["LlmpruneLlamaConfig", "LlmpruneLlamaForCausalLM", "LlmpruneLlamaModel", "MODELING_DIR",
-           "REMOTE_CODE_FILES", "register"]
+__all__ = ["LlmpruneLlamaConfig", "LlmpruneLlamaForCausalLM", "LlmpruneLlamaModel", "REMOTE_CODE_FILES",
+           "register"]

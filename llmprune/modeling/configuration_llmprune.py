@@ -1,10 +1,11 @@
-# Configuration of a structurally pruned Llama-architecture model (Llama, Mistral, Qwen2, Qwen3).
-#
-# This file is copied next to the weights of every non-uniform llmprune checkpoint and loaded by
-# `AutoConfig.from_pretrained(dir, trust_remote_code=True)`, so it must import nothing but
-# transformers and huggingface_hub. Per-layer shapes live in transformers' native `per_layer_config`
-# (sparse overrides of num_attention_heads, num_key_value_heads, intermediate_size, o_proj_bias,
-# down_proj_bias and `skip: ["attention" | "mlp"]`).
+"""Configuration of a structurally pruned Llama-architecture model (Llama, Mistral, Qwen2, Qwen3).
+
+This file is copied next to the weights of every non-uniform llmprune checkpoint and loaded by
+`AutoConfig.from_pretrained(dir, trust_remote_code=True)`, so it must import nothing but
+transformers and huggingface_hub. Per-layer shapes live in transformers' native `per_layer_config`
+(sparse overrides of num_attention_heads, num_key_value_heads, intermediate_size, o_proj_bias,
+down_proj_bias and `skip: ["attention" | "mlp"]`).
+"""
 from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict

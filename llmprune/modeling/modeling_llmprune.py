@@ -1,10 +1,11 @@
-# A Llama-architecture decoder whose layers may differ in shape: per-layer query / KV heads and FFN
-# width, attention or FFN sublayers removed, optional biases on o_proj / down_proj.
-#
-# Copied next to the weights of every non-uniform llmprune checkpoint, so that
-# `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` works without llmprune.
-# It builds every layer from the base family's own transformers modules (LlamaAttention,
-# Qwen3Attention, ...) using that layer's resolved config; nothing here is a copied modeling file.
+"""A Llama-architecture decoder whose layers may differ in shape: per-layer query / KV heads and FFN
+width, attention or FFN sublayers removed, optional biases on o_proj / down_proj.
+
+Copied next to the weights of every non-uniform llmprune checkpoint, so that
+`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` works without llmprune.
+It builds every layer from the base family's own transformers modules (LlamaAttention,
+Qwen3Attention, ...) using that layer's resolved config; nothing here is a copied modeling file.
+"""
 from __future__ import annotations
 
 import importlib

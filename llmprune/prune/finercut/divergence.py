@@ -90,16 +90,19 @@ def _raw_values(distance: str, ref: torch.Tensor | None, z: torch.Tensor, target
     raise ValueError(f"unknown distance {distance!r}")
 
 
-# Elements per call of the element-wise math (4 Mi float32 = 16 MiB per temporary). Smaller blocks
-# would sit better in the CPU cache, but each op is then too small to share between threads: on a
-# busy 2-core machine 8-row blocks were 8x slower with 2 threads (measured, 49k vocabulary).
-_BLOCK_ELEMS = 1 << 22
+# Elements of one float32 [rows, vocab] logits block (4 Mi float32 = 16 MiB per temporary), used for
+# the element-wise math here and for the LM head + distance in residual_stream / reference: bounds
+# memory whatever the vocabulary and micro-batch size, and is the granularity at which a hopeless
+# candidate stops being scored (85 rows for a 49k vocabulary, 32 for 128k). Smaller blocks would sit
+# better in the CPU cache, but each op is then too small to share between threads: on a busy 2-core
+# machine 8-row blocks were 8x slower with 2 threads (measured, 49k vocabulary).
+BLOCK_ELEMS = 1 << 22
 
 
 def block_values(distance: str, ref: torch.Tensor | None, logits: torch.Tensor,
                  targets: torch.Tensor | None = None) -> torch.Tensor:
     """`token_values` over the rows of `logits` [n, V], a bounded number of elements at a time: [n]."""
-    rows = max(1, _BLOCK_ELEMS // logits.shape[-1])
+    rows = max(1, BLOCK_ELEMS // logits.shape[-1])
     return torch.cat([token_values(distance, None if ref is None else ref[r:r + rows], logits[r:r + rows],
                                    None if targets is None else targets[r:r + rows])
                       for r in range(0, logits.shape[0], rows)])
@@ -139,5 +142,5 @@ def scored_tokens(distance: str, tokens: torch.Tensor) -> int:
     return b * (t - 1) if distance == "perplexity" else b * t
 
 
-__all__ = ["DISTANCES", "block_values", "check_distance", "count_scored", "finalize", "needs_reference", "next_token_targets", "reference",
+__all__ = ["BLOCK_ELEMS", "DISTANCES", "block_values", "check_distance", "count_scored", "finalize", "needs_reference", "next_token_targets", "reference",
            "scored_tokens", "token_sum", "token_values"]

@@ -19,7 +19,6 @@ from ...plan import sublayer_plan
 from ..context import PruneContext
 from . import divergence
 from .candidates import Candidate, removed_set
-from .residual_stream import LOGIT_BLOCK_ELEMS
 from .search import SearchStats, warn_non_finite
 
 
@@ -57,7 +56,7 @@ class ReferenceSearch:
         self._count(self.n_sublayers)
 
     def _rows(self) -> int:
-        return max(1, LOGIT_BLOCK_ELEMS // self.vocab)
+        return max(1, divergence.BLOCK_ELEMS // self.vocab)
 
     @torch.no_grad()
     def _reference(self, batch: torch.Tensor) -> torch.Tensor | None:

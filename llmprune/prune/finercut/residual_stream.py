@@ -35,11 +35,6 @@ from .vocab_bound import VocabBound, supports
 
 log = logging.getLogger(__name__)
 
-# Elements of one float32 [rows, vocab] logits block scored at a time (16 MiB): bounds the memory
-# of the head + distance whatever the vocabulary and micro-batch size, and is the granularity at
-# which a hopeless candidate stops being scored (85 rows for a 49k vocabulary, 32 for 128k).
-LOGIT_BLOCK_ELEMS = 1 << 22
-
 
 @dataclass
 class ChunkScore:
@@ -164,7 +159,7 @@ class ResidualStream:
         return F.linear(self.norm(rows).float(), self._weight, self._bias)
 
     def _row_block(self) -> int:
-        return max(1, LOGIT_BLOCK_ELEMS // self._weight.shape[0])
+        return max(1, divergence.BLOCK_ELEMS // self._weight.shape[0])
 
     def _dense_blocks(self, j: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The dense model's logits on chunk j, a block of rows at a time, with the rows' next-token targets."""

@@ -28,7 +28,7 @@ from .budget import (BudgetError, Level, Priority, attention_levels, by_deficit,
 
 __all__ = ["ALLOCATIONS", "BudgetError", "LayerKeep", "LayerUnits", "Rules", "cfsp_keep_ratios", "check_sparsity",
            "coarse_to_fine", "global_threshold", "keep_shape", "keep_top", "mean_keep", "outlier_ratio", "owl", "owl_keep_ratios",
-           "per_layer", "round_width", "shape_of", "standardize", "uniform"]
+           "per_layer", "shape_of", "standardize", "uniform"]
 
 ALLOCATIONS = ("uniform", "global", "coarse_to_fine", "owl")
 
@@ -73,14 +73,6 @@ def check_sparsity(sparsity: float) -> float:
         raise BudgetError(f"sparsity must be in [0, 1) — the fraction of decoder-layer linear parameters to "
                           f"remove — got {sparsity}")
     return float(sparsity)
-
-
-def round_width(width: int, multiple: int, maximum: int) -> int:
-    """Round an FFN width to the nearest multiple (kernel-friendly), within [multiple, maximum]."""
-    if multiple <= 1 or width <= 0:
-        return width
-    rounded = int(round(width / multiple)) * multiple
-    return max(min(rounded, maximum), min(multiple, maximum))
 
 
 def standardize(x: torch.Tensor) -> torch.Tensor:

@@ -32,12 +32,6 @@ def attention_channel_norms(block: BlockView, g: Geometry) -> torch.Tensor:
 
 
 @torch.no_grad()
-def kv_group_norms(block: BlockView, g: Geometry) -> torch.Tensor:
-    """[n_kv] L2 norm of all weights of each KV group."""
-    return attention_channel_norms(block, g).view(g.n_kv_heads, -1).sum(1).sqrt()
-
-
-@torch.no_grad()
 def ffn_channel_sq_norms(block: BlockView) -> torch.Tensor:
     """[m] squared L2 norm of each FFN channel's weights (gate/up rows and down_proj column)."""
     m = block.mlp
