@@ -41,16 +41,17 @@ def structure_section(f: CardFacts) -> str:
              "biases) removed; embeddings, LM head and norms are excluded. The fraction of all parameters is "
              "shown next to it.",
              table(["parameters", "before", "after", "removed"], rows)]
-    dropped_attn = [i for i, lp in enumerate(plan.layers) if lp.attn.drop and not lp.removed]
-    dropped_mlp = [i for i, lp in enumerate(plan.layers) if lp.mlp.drop and not lp.removed]
-    gone = [i for i, lp in enumerate(plan.layers) if lp.removed]
+    kept = set(plan.kept_layers())
+    dropped_attn = [i for i, lp in enumerate(plan.layers) if lp.attn.drop and i in kept]
+    dropped_mlp = [i for i, lp in enumerate(plan.layers) if lp.mlp.drop and i in kept]
+    gone = [i for i in range(len(plan.layers)) if i not in kept]
     summary = [f"- attention sublayer removed in layers: {_ids(dropped_attn)}",
                f"- FFN sublayer removed in layers: {_ids(dropped_mlp)}",
                f"- whole blocks removed (later blocks renumbered): {_ids(gone)}"]
     parts.append("\n".join(summary))
     layer_rows = []
     for i, (b, a) in enumerate(zip(plan.geometry, plan.geometry_after())):
-        if plan.layers[i].removed:
+        if i not in kept:
             att = ffn = "removed (block)"
         else:
             att = "removed" if not a.has_attn else f"{b.n_q_heads} / {b.n_kv_heads} → {a.n_q_heads} / {a.n_kv_heads}"

@@ -12,6 +12,8 @@ o_proj inputs, in surgery's order], `L{i}.attn.o.bias` [hidden], `L{i}.mlp.down.
 [hidden, kept channels], `L{i}.mlp.down.bias` [hidden]. The JSON lists their names and shapes
 (`tensors`); `save` writes them to `<plan>.safetensors` beside the JSON and `load` reads them back.
 Surgery applies them after slicing (it stays the only code that writes weights).
+`drop` with `compensate` (the means of all input channels) leaves a bias-only sublayer: the constant
+b + W·μ added to the residual stream (Geometry: has_attn/has_mlp False with o_bias/down_bias True).
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ class PlanError(UsageError):
 
 @dataclass
 class AttnPlan:
-    drop: bool = False
+    drop: bool = False  # with compensate: bias-only (the sublayer's mean output stays on the residual)
     keep_kv_groups: list[int] | None = None  # None: all groups
     keep_q: list[list[int]] | None = None  # per kept group, local query heads kept (same count everywhere)
     compensate: list[float] | None = None  # means of the removed o_proj input channels
@@ -62,8 +64,10 @@ class LayerPlan:
 
     @property
     def removed(self) -> bool:
-        """Both sublayers gone: the whole block disappears and later blocks are renumbered."""
-        return self.attn.drop and self.mlp.drop
+        """Both sublayers gone (none bias-only): the block disappears and later blocks are renumbered.
+
+        A block that already is bias-only in the model keeps its bias; `Plan.kept_layers` sees that."""
+        return self.attn.drop and self.mlp.drop and self.attn.compensate is None and self.mlp.compensate is None
 
 
 @dataclass
@@ -100,7 +104,8 @@ class Plan:
         return out
 
     def kept_layers(self) -> list[int]:
-        return [i for i, lp in enumerate(self.layers) if not lp.removed]
+        """Base layers that still hold something: a sublayer, or a bias-only one (new or already there)."""
+        return [i for i, g in enumerate(self.geometry_after()) if g.has_attn or g.has_mlp or g.o_bias or g.down_bias]
 
     def params_before(self) -> int:
         return sum(g.linear_params() for g in self.geometry)
@@ -130,6 +135,8 @@ class Plan:
             _validate_attn(i, g, lp.attn)
             _validate_mlp(i, g, lp.mlp)
         _validate_tensors(self)
+        if self.layers and not self.kept_layers():
+            raise PlanError("the plan removes every decoder layer; keep at least one sublayer")
 
     # ---- JSON --------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -273,15 +280,17 @@ def sublayer_plan(geometry: list[Geometry], gone: set[tuple[int, str]], method: 
 def _after(g: Geometry, lp: LayerPlan) -> Geometry:
     changes: dict[str, Any] = {}
     a = lp.attn
-    if a.drop or not g.has_attn:
-        changes.update(has_attn=False, n_q_heads=0, n_kv_heads=0, qkv_bias=False, o_bias=False)
+    if a.drop or not g.has_attn:  # o_bias now means a bias-only sublayer: new, or one the model already has
+        changes.update(has_attn=False, n_q_heads=0, n_kv_heads=0, qkv_bias=False,
+                       o_bias=a.compensate is not None or (not g.has_attn and g.o_bias))
     else:
         n_kv = g.n_kv_heads if a.keep_kv_groups is None else len(a.keep_kv_groups)
         per_group = g.group_size if a.keep_q is None else (len(a.keep_q[0]) if a.keep_q else 0)
         changes.update(n_kv_heads=n_kv, n_q_heads=n_kv * per_group, o_bias=g.o_bias or a.compensate is not None)
     m = lp.mlp
     if m.drop or not g.has_mlp:
-        changes.update(has_mlp=False, intermediate=0, mlp_in_bias=False, down_bias=False)
+        changes.update(has_mlp=False, intermediate=0, mlp_in_bias=False,
+                       down_bias=m.compensate is not None or (not g.has_mlp and g.down_bias))
     else:
         width = g.intermediate if m.keep_channels is None else len(m.keep_channels)
         changes.update(intermediate=width, down_bias=g.down_bias or m.compensate is not None)
@@ -319,12 +328,15 @@ def _check_indices(where: str, idx: list[int], n: int) -> None:
 def _validate_attn(i: int, g: Geometry, a: AttnPlan) -> None:
     where = f"layer {i} attention"
     if not g.has_attn:
-        if not a.drop or a.keep_kv_groups is not None or a.keep_q is not None:
+        if not a.drop or a.keep_kv_groups is not None or a.keep_q is not None or a.compensate is not None:
             raise PlanError(f"{where}: the model has no attention here; the plan may only say drop")
         return
     if a.drop:
         if a.keep_kv_groups is not None or a.keep_q is not None:
             raise PlanError(f"{where}: drop excludes keep_kv_groups / keep_q")
+        if a.compensate is not None and len(a.compensate) != g.n_q_heads * g.head_dim:
+            raise PlanError(f"{where}: a dropped sublayer's compensate needs the means of all "
+                            f"{g.n_q_heads * g.head_dim} o_proj input channels, got {len(a.compensate)}")
         return
     n_groups = g.n_kv_heads
     if a.keep_kv_groups is not None:
@@ -348,12 +360,15 @@ def _validate_attn(i: int, g: Geometry, a: AttnPlan) -> None:
 def _validate_mlp(i: int, g: Geometry, m: MlpPlan) -> None:
     where = f"layer {i} mlp"
     if not g.has_mlp:
-        if not m.drop or m.keep_channels is not None:
+        if not m.drop or m.keep_channels is not None or m.compensate is not None:
             raise PlanError(f"{where}: the model has no FFN here; the plan may only say drop")
         return
     if m.drop:
         if m.keep_channels is not None:
             raise PlanError(f"{where}: drop excludes keep_channels")
+        if m.compensate is not None and len(m.compensate) != g.intermediate:
+            raise PlanError(f"{where}: a dropped sublayer's compensate needs the means of all "
+                            f"{g.intermediate} down_proj input channels, got {len(m.compensate)}")
         return
     if m.keep_channels is not None:
         _check_indices(f"{where} keep_channels", m.keep_channels, g.intermediate)

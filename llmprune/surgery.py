@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM
 from .families import Family, family_for
 from .families.base import BlockView, FusedRows, Geometry, Projection
 from .plan import AttnPlan, LayerPlan, MlpPlan, Plan, attn_kept_channels, removed_indices
+from .modeling.modeling_llmprune import ATTN_RESIDUAL, MLP_RESIDUAL
 
 
 # ---- apply -----------------------------------------------------------------------------------------
@@ -56,12 +57,18 @@ def slice_block(state: dict[str, torch.Tensor], names: dict[int, str], block: Bl
     if block.attn is not None:
         if lp.attn.drop:
             _forget(state, names, [block.attn.module, *block.attn.norms()])
+            if lp.attn.compensate is not None:  # bias-only: the sublayer's constant mean output stays
+                state[_layer_prefix(names, block) + ATTN_RESIDUAL + ".bias"] = _bias_only(
+                    block.attn.o, block.attn.post_norm, lp.attn.compensate)
         elif not lp.attn.is_identity() or lp.attn.compensate is not None:
             _slice_attention(state, names, block, g, lp.attn)
             _adopt(state, names, block.attn.o, tensors, f"L{layer}.attn.o")
     if block.mlp is not None:
         if lp.mlp.drop:
             _forget(state, names, [block.mlp.module, *block.mlp.norms()])
+            if lp.mlp.compensate is not None:
+                state[_layer_prefix(names, block) + MLP_RESIDUAL + ".bias"] = _bias_only(
+                    block.mlp.down, block.mlp.post_norm, lp.mlp.compensate)
         elif not lp.mlp.is_identity() or lp.mlp.compensate is not None:
             _slice_mlp(state, names, block, g, lp.mlp)
             _adopt(state, names, block.mlp.down, tensors, f"L{layer}.mlp.down")
@@ -89,6 +96,21 @@ def _compensation(linear: nn.Linear, removed: list[int], means: list[float]) -> 
     if linear.bias is not None:
         bias = bias + linear.bias.double()
     return bias.to(w.dtype)
+
+
+@torch.no_grad()
+def _bias_only(linear: nn.Linear, post_norm: nn.Module | None, means: list[float]) -> torch.Tensor:
+    """A removed sublayer's constant contribution to the residual [hidden]: b + W·μ over all its input
+    channels, through its post-sublayer norm where the family has one (Gemma, OLMo 2)."""
+    const = _compensation(linear, list(range(linear.in_features)), means)
+    return const if post_norm is None else post_norm(const[None]).reshape(-1).to(const.dtype)
+
+
+def _layer_prefix(names: dict[int, str], block: BlockView) -> str:
+    """State-dict prefix of a decoder layer ("model.layers.3."), from any of its parameters."""
+    p = next(block.module.parameters())
+    inner = next(n for n, q in block.module.named_parameters() if q is p)
+    return names[id(p)][: -len(inner)]
 
 
 def _adopt(state: dict, names: dict, linear: nn.Linear, tensors: dict[str, torch.Tensor], key: str) -> None:
@@ -188,7 +210,8 @@ def _materialize(model: nn.Module, config: Any, state: dict[str, torch.Tensor]) 
 def simulate(model: nn.Module, plan: Plan, family: Family | None = None) -> Iterator[nn.Module]:
     """Make the model behave as if `plan` were applied, without editing weights.
 
-    Dropped sublayers return zeros (and are not computed); removed input channels of o_proj /
+    Dropped sublayers return zeros (and are not computed), or their mean output when the plan
+    compensates (a bias-only sublayer); removed input channels of o_proj /
     down_proj are zeroed, or set to their calibration mean when the plan compensates — which is
     exactly what the compensation bias stands for. Where the plan carries reconstructed weights,
     o_proj / down_proj compute with them on their kept inputs instead (a forward override, the
@@ -203,7 +226,9 @@ def simulate(model: nn.Module, plan: Plan, family: Family | None = None) -> Iter
             block = family.block(model, i)
             if block.attn is not None:
                 if lp.attn.drop:
-                    undo.append(_silence(block.attn.module, returns_tuple=True))
+                    const = None if lp.attn.compensate is None else _compensation(
+                        block.attn.o, list(range(g.n_q_heads * g.head_dim)), lp.attn.compensate)
+                    undo.append(_silence(block.attn.module, returns_tuple=True, const=const))
                 elif not lp.attn.is_identity():
                     kept = attn_kept_channels(g, lp.attn)
                     if f"L{i}.attn.o.weight" in plan.tensors:  # reconstructed o_proj on the kept inputs
@@ -214,7 +239,9 @@ def simulate(model: nn.Module, plan: Plan, family: Family | None = None) -> Iter
                     undo += _restrict_qk_norms(block, g, lp.attn, kept)
             if block.mlp is not None:
                 if lp.mlp.drop:
-                    undo.append(_silence(block.mlp.module, returns_tuple=False))
+                    const = None if lp.mlp.compensate is None else _compensation(
+                        block.mlp.down, list(range(g.intermediate)), lp.mlp.compensate)
+                    undo.append(_silence(block.mlp.module, returns_tuple=False, const=const))
                 elif f"L{i}.mlp.down.weight" in plan.tensors:
                     undo.append(_refit_forward(block.mlp.down, lp.mlp.keep_channels, plan.tensors, f"L{i}.mlp.down"))
                 elif not lp.mlp.is_identity():
@@ -263,10 +290,11 @@ def _restrict_norm(norm: nn.Module, kept: list[int]) -> Any:
     return restore
 
 
-def _silence(module: nn.Module, returns_tuple: bool) -> Any:
+def _silence(module: nn.Module, returns_tuple: bool, const: torch.Tensor | None = None) -> Any:
+    """Make a sublayer output zeros, or the constant `const` [hidden] (a bias-only sublayer)."""
     def forward(*args: Any, **kwargs: Any) -> Any:
         h = kwargs.get("hidden_states", args[0] if args else None)
-        z = torch.zeros_like(h)
+        z = torch.zeros_like(h) if const is None else const.to(h.dtype).expand_as(h)
         return (z, None) if returns_tuple else z
 
     module.forward = forward

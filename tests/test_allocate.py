@@ -209,3 +209,11 @@ def test_lazy_ffn_levels_match_the_exact_costs(geo):
             for target in torch.linspace(0, geo.mlp_params() * 1.1, 37).tolist():
                 scan = min(range(len(lv)), key=lambda i: (abs(lv[i].params - target), -i))
                 assert nearest_level(lv, target) == scan
+
+
+@pytest.mark.parametrize("keep", [1.0, 0.7])
+def test_cfsp_keep_ratios_equal_importances(keep):
+    # keep = 1 with equal importances divided 0 by 0 (ZeroDivisionError); equal importances keep `keep` everywhere.
+    assert cfsp_keep_ratios([0.3, 0.3, 0.3], keep=keep, sharpness=10.0) == pytest.approx([keep] * 3)
+    assert cfsp_keep_ratios([0.3, 0.3, 0.3], keep=keep, sharpness=10.0, weights=[1, 0, 2]) == pytest.approx([keep] * 3)
+    assert cfsp_keep_ratios([0.1, 0.9], keep=1.0, sharpness=10.0) == [1.0, 1.0]

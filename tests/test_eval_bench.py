@@ -136,3 +136,13 @@ def test_bench_errors(tmp_path, pair, tiny_tokenizer, capsys):
     assert main(["eval", str(ckpt), "--baseline", str(retok), "--data", "python-docs"]) == 2
     assert "different tokenizer vocabulary" in capsys.readouterr().err
     assert not (ckpt / "report.json").exists()  # nothing written on failure
+
+
+def test_ratio_ci_brackets_the_paired_ratio():
+    from llmprune.evaluate.bench import ratio_ci
+
+    lo, hi = ratio_ci([2.0, 2.2, 1.8, 2.0], [1.0, 1.1, 0.9, 1.0])  # every paired ratio is 2
+    assert lo == pytest.approx(2.0) and hi == pytest.approx(2.0)
+    lo, hi = ratio_ci([1.0, 3.0, 2.0, 2.5, 1.5], [1.0] * 5)
+    assert lo < 2.0 < hi and lo >= 1.0 and hi <= 3.0
+    assert ratio_ci([1.0], [1.0]) is None

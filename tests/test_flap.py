@@ -43,10 +43,10 @@ def fake_layer() -> tuple[SimpleNamespace, Stats]:
 ])
 def test_hand_computed_scores(metric, expected):
     block, stats = fake_layer()
-    attn, mlp = flap_scorer(metric, faithful=False)(block, None, stats, 0)
+    attn, mlp = flap_scorer(metric, square_attention=False)(block, None, stats, 0)
     torch.testing.assert_close(mlp, torch.tensor(expected, dtype=torch.float64))
     torch.testing.assert_close(attn, mlp)
-    f_attn, f_mlp = flap_scorer(metric, faithful=True)(block, None, stats, 0)
+    f_attn, f_mlp = flap_scorer(metric, square_attention=True)(block, None, stats, 0)
     torch.testing.assert_close(f_attn, torch.tensor(expected, dtype=torch.float64) ** 2)  # the extra square
     torch.testing.assert_close(f_mlp, mlp)  # FFN scores are not squared
 

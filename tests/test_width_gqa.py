@@ -29,7 +29,7 @@ def test_query_heads_within_groups(family, tokens, tmp_path, tiny_tokenizer):
     with_q = [i for i, lp in enumerate(plan.layers) if lp.attn.keep_q is not None]
     assert with_q, "this budget is met by keeping one query head per group"
     stats = calibrate(model, tokens, progress=False)
-    score = flap_scorer("wifv", faithful=False)
+    score = flap_scorer("wifv", square_attention=False)
     for i in with_q:
         a = plan.layers[i].attn
         assert len({len(q) for q in a.keep_q}) == 1  # the same count in every kept group

@@ -89,7 +89,7 @@ class BlockWalker:
         def sink(i: int, h: torch.Tensor, args: tuple, kwargs: dict) -> None:
             if i == 0:
                 self.hidden.append(h.to(self.store))
-            kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "cache", "use_cache")}
             self.layer_args[i].append((args, kwargs))
 
         for i in range(n):

@@ -13,9 +13,11 @@ read after `torch.cuda.synchronize()`. Reported: median and interquartile range 
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,19 +83,49 @@ def random_prompts(vocab: int, batch_size: int, prompt_len: int, seed: int) -> t
     return torch.randint(0, vocab, (batch_size, prompt_len), generator=g)
 
 
+def cache_keyword(model: nn.Module) -> str:
+    """The forward keyword of the KV cache: `cache` in current transformers, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache of a model output, under either name (reading `.past_key_values` is deprecated)."""
+    if isinstance(out, Mapping):  # ModelOutput: only the fields that are set are keys
+        return next((out[k] for k in ("cache", "past_key_values") if k in out), None)
+    return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+
+
+def ratio_ci(num: list[float], den: list[float], level: float = 0.95, resamples: int = 2000,
+             seed: int = 0) -> tuple[float, float] | None:
+    """Bootstrap confidence interval of the mean per-repeat ratio num[r] / den[r].
+
+    Repeats are paired (the two models ran back to back, ABBA), so the per-repeat ratio cancels the
+    machine's slow drift; resampling repeats gives the interval (deterministic: fixed seed).
+    """
+    ratios = torch.tensor([a / b for a, b in zip(num, den) if b > 0], dtype=torch.float64)
+    if ratios.numel() < 2:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, ratios.numel(), (resamples, ratios.numel()), generator=g)
+    means = ratios[idx].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    return float(lo), float(hi)
+
+
 @torch.inference_mode()
 def prefill(model: nn.Module, ids: torch.Tensor) -> tuple[Any, torch.Tensor]:
     """Forward the prompts with the cache on; returns (cache, next token ids [B, 1])."""
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    return out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return output_cache(out), out.logits[:, -1:].argmax(-1)
 
 
 @torch.inference_mode()
 def decode(model: nn.Module, cache: Any, token: torch.Tensor, steps: int) -> Any:
     """`steps` greedy single-token steps on top of `cache`; returns the grown cache."""
+    kw = cache_keyword(model)
     for _ in range(steps):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=token, use_cache=True, logits_to_keep=1, **{kw: cache})
+        cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
     return cache
 
 
@@ -189,5 +221,5 @@ def run_speed(models: dict[str, nn.Module], vocab: int, settings: BenchSettings,
     return rows
 
 
-__all__ = ["BenchSettings", "Samples", "cache_bytes", "decode", "median_iqr", "model_device", "prefill",
+__all__ = ["BenchSettings", "Samples", "cache_bytes", "cache_keyword", "decode", "output_cache", "ratio_ci", "median_iqr", "model_device", "prefill",
            "random_prompts", "run_speed", "summarize", "time_models", "time_once", "weight_bytes"]

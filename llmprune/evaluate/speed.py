@@ -2,7 +2,8 @@
 
 Ratios are dense/pruned from the same interleaved run: per batch size, `prefill_speedup` = dense median
 prefill latency / pruned median; `decode_speedup` = pruned median decode throughput / dense median;
-`memory_saving` = 1 − pruned peak / dense peak. The top-level speed-ups are geometric means over the
+`memory_saving` = 1 − pruned peak / dense peak. `*_speedup_ci`: 95 % bootstrap interval of the mean of
+the paired per-repeat ratios. The top-level speed-ups are geometric means over the
 batch sizes; the top-level memory numbers are those of the largest batch size (where the KV cache
 weighs most). `ideal_speedup` is the dense/pruned ratio of prefill FLOPs at the measured prompt length
 (see flops.py), so `prefill_vs_ideal` says how much of the FLOP reduction shows up as real time.
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from ..families import family_for
-from .bench import BenchSettings, run_speed
+from .bench import BenchSettings, ratio_ci, run_speed
 from .flops import ideal_speedups
 from .memory import CUDA_METHOD, cpu_peaks, cuda_peak
 from ..errors import UsageError
@@ -56,6 +57,10 @@ def speed_section(rows: list[dict[str, Any]], settings: BenchSettings, ideal: di
             "batch_size": bs,
             "prefill_speedup": _ratio(d["prefill_ms_median"], p["prefill_ms_median"]),
             "decode_speedup": _ratio(p.get("decode_tok_s_median"), d.get("decode_tok_s_median")),
+            # 95 % bootstrap intervals of the paired per-repeat ratios (the models alternate ABBA)
+            "prefill_speedup_ci": ratio_ci(d["prefill_ms_samples"], p["prefill_ms_samples"]),
+            "decode_speedup_ci": (ratio_ci(p["decode_tok_s_samples"], d["decode_tok_s_samples"])
+                                  if "decode_tok_s_samples" in p and "decode_tok_s_samples" in d else None),
             "memory_saving": _saving(d.get("peak_mem_bytes"), p.get("peak_mem_bytes")),
             "kv_cache_saving": _saving(d.get("kv_cache_bytes"), p.get("kv_cache_bytes")),
             "weight_saving": _saving(d.get("weight_bytes"), p.get("weight_bytes"))})

@@ -22,8 +22,8 @@ class Geometry:
     n_kv_heads: int
     head_dim: int  # never changes under pruning (RoPE and kernels depend on it)
     intermediate: int  # 0 when the FFN sublayer is gone
-    has_attn: bool = True
-    has_mlp: bool = True
+    has_attn: bool = True  # False with o_bias: a bias-only sublayer (constant vector on the residual)
+    has_mlp: bool = True  # False with down_bias: likewise
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_in_bias: bool = False  # gate/up bias
@@ -43,7 +43,7 @@ class Geometry:
     # ---- parameter costs (decoder-layer linear parameters, biases included) --------------------
     def attn_params(self) -> int:
         if not self.has_attn:
-            return 0
+            return self.hidden * self.o_bias  # a bias-only sublayer (FLAP compensation of a removed one)
         q, kv, hd, d = self.n_q_heads, self.n_kv_heads, self.head_dim, self.hidden
         weights = (2 * q + 2 * kv) * hd * d
         biases = (q + 2 * kv) * hd * self.qkv_bias + d * self.o_bias
@@ -51,7 +51,7 @@ class Geometry:
 
     def mlp_params(self) -> int:
         if not self.has_mlp:
-            return 0
+            return self.hidden * self.down_bias
         m, d = self.intermediate, self.hidden
         in_mats = self.n_mlp_mats - 1
         return self.n_mlp_mats * m * d + in_mats * m * self.mlp_in_bias + d * self.down_bias

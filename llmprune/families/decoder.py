@@ -120,9 +120,13 @@ class DecoderFamily:
             if b.attn is not None:
                 g.update(n_q_heads=b.attn.q.out_features // hd, n_kv_heads=b.attn.k.out_features // hd,
                          qkv_bias=b.attn.q.bias is not None, o_bias=b.attn.o.bias is not None)
+            else:  # a bias-only attention (the pruned model's attn_residual) counts as o_bias
+                g.update(o_bias=getattr(b.module, "attn_residual", None) is not None)
             if b.mlp is not None:
                 g.update(intermediate=b.mlp.down.in_features, mlp_in_bias=b.mlp.inputs[0].bias is not None,
                          down_bias=b.mlp.down.bias is not None, gated_mlp=len(b.mlp.inputs) == 2)
+            else:
+                g.update(down_bias=getattr(b.module, "mlp_residual", None) is not None)
             out.append(Geometry(**g))
         return out
 
@@ -225,8 +229,12 @@ class DecoderFamily:
             if g.has_attn:
                 values += [("num_attention_heads", g.n_q_heads), ("num_key_value_heads", g.n_kv_heads),
                            ("o_proj_bias", added_o(g))]
+            else:  # on a skipped sublayer the flag means bias-only (always resolved explicitly)
+                values += [("o_proj_bias", g.o_bias)]
             if g.has_mlp:
                 values += [("intermediate_size", g.intermediate), ("down_proj_bias", added_down(g))]
+            else:
+                values += [("down_proj_bias", g.down_bias)]
             over.update({k: v for k, v in values if v != glob[k]})
             if over:
                 per_layer[i] = over

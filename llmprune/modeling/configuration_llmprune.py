@@ -15,6 +15,7 @@ of num_attention_heads, num_key_value_heads, intermediate_size, o_proj_bias, dow
 from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
+from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.models.gemma2.configuration_gemma2 import Gemma2Config
 from transformers.models.gemma3.configuration_gemma3 import Gemma3TextConfig
@@ -24,6 +25,9 @@ from transformers.models.phi3.configuration_phi3 import Phi3Config
 
 BASE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # of llmprune_llama
 SKIPPABLE = ("attention", "mlp")
+# Layer type of an attention-free layer: a KV-cache placeholder that stores nothing. Newer transformers
+# know "mlp" (mapped to a dummy layer); 5.14 only has the "moe" placeholder.
+NO_ATTENTION = "mlp" if "mlp" in DYNAMIC_LAYER_TYPE_MAPPING or "dummy" in DYNAMIC_LAYER_TYPE_MAPPING else "moe"
 ATTENTION_TYPES = ("full_attention", "sliding_attention")
 _LIVE = "_llmprune_live_config"  # per-layer config -> the model's config (see link_layer_config)
 
@@ -38,13 +42,13 @@ class _PrunedConfigMixin:
         # Derived, never serialized: an attention-free layer is "mlp", which the KV cache maps to a
         # layer that stores nothing, so cache lengths come from the first layer that has attention.
         base = self.base_layer_types or ["full_attention"] * self.num_hidden_layers
-        return ["mlp" if "attention" in self._skips(i) else base[i] for i in range(self.num_hidden_layers)]
+        return [NO_ATTENTION if "attention" in self._skips(i) else base[i] for i in range(self.num_hidden_layers)]
 
     @layer_types.setter
     def layer_types(self, value: list[str] | None) -> None:
         # Base classes with a `layer_types` field (Gemma) assign it in __init__ / __post_init__: keep the
         # attention types (a derived list with "mlp" entries carries no information base_layer_types lacks).
-        if value is not None and "mlp" not in value:
+        if value is not None and "mlp" not in value and NO_ATTENTION not in value:
             self.__dict__["base_layer_types"] = list(value)
 
     @property

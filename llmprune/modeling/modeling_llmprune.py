@@ -35,6 +35,7 @@ from .configuration_llmprune import (
     LlmpruneLlamaConfig,
     LlmpruneOlmo2Config,
     LlmprunePhi3Config,
+    NO_ATTENTION,
     link_layer_config,
 )
 
@@ -85,6 +86,19 @@ def _homogeneous(config: LlmpruneLlamaConfig) -> LlmpruneLlamaConfig:
     return out
 
 
+# A removed sublayer whose mean output is kept (FLAP compensation of a fully pruned module) is a
+# residual: a module with one `bias` [hidden] parameter, saved as `model.layers.<i>.<name>.bias`; it
+# holds the sublayer's whole constant contribution (after its post-norm, for families that have one).
+ATTN_RESIDUAL = "attn_residual"
+MLP_RESIDUAL = "mlp_residual"
+
+
+class ResidualBias(nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(hidden))
+
+
 def _with_bias(linear: nn.Linear) -> nn.Linear:
     # A fresh Linear of the same shape with a (zero) bias; the checkpoint supplies the values.
     out = nn.Linear(linear.in_features, linear.out_features, bias=True, device=linear.weight.device,
@@ -109,6 +123,11 @@ class LlmpruneDecoderLayer(GradientCheckpointingLayer):
         for name, keep in zip(self.norm_names, present):
             if name is not None and keep:
                 setattr(self, name, rms_norm(config.hidden_size, eps=config.rms_norm_eps))
+        # a skipped sublayer with its bias flag set is bias-only (attribute names = ATTN_/MLP_RESIDUAL)
+        self.attn_residual = ResidualBias(config.hidden_size) \
+            if not self.has_attn and getattr(lc, "o_proj_bias", False) else None
+        self.mlp_residual = ResidualBias(config.hidden_size) \
+            if not self.has_mlp and getattr(lc, "down_proj_bias", False) else None
         if self.has_attn:
             # Original layer_idx: the KV cache and per-layer config are indexed by it.
             self.self_attn = _family_class(config, "Attention")(config=lc, layer_idx=layer_idx)
@@ -146,8 +165,12 @@ class LlmpruneDecoderLayer(GradientCheckpointingLayer):
                 **kwargs,
             )
             hidden_states = hidden_states + self._norm(1, attn_out)
+        elif self.attn_residual is not None:
+            hidden_states = hidden_states + self.attn_residual.bias
         if self.has_mlp:
             hidden_states = hidden_states + self._norm(3, self.mlp(self._norm(2, hidden_states)))
+        elif self.mlp_residual is not None:
+            hidden_states = hidden_states + self.mlp_residual.bias
         return hidden_states
 
 
@@ -174,8 +197,8 @@ class _DecoderStack:
         layer_types = self.config.layer_types
         if self.config.base_model_type not in _ROPE_PER_LAYER_TYPE:
             shared = self.rotary_emb(hidden_states, position_ids)
-            return [None if t == "mlp" else shared for t in layer_types]
-        tables = {t: self.rotary_emb(hidden_states, position_ids, t) for t in set(layer_types) - {"mlp"}}
+            return [None if t == NO_ATTENTION else shared for t in layer_types]
+        tables = {t: self.rotary_emb(hidden_states, position_ids, t) for t in set(layer_types) - {NO_ATTENTION}}
         return [tables.get(t) for t in layer_types]
 
     def forward(
@@ -199,15 +222,20 @@ class _DecoderStack:
         )
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        layer_types = self.config.layer_types
+        has_attention = any(t != NO_ATTENTION for t in layer_types)
+        if not has_attention:  # nothing to cache (and a cache of placeholders cannot tell its length)
+            use_cache, cache = False, None
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past
 
-        layer_types = self.config.layer_types
         masks = attention_mask  # generate() may hand over a ready {layer_type: mask} mapping
-        if not isinstance(masks, dict):
+        if not has_attention:
+            masks = {}
+        elif not isinstance(masks, dict):
             mask_kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                position_ids=position_ids, **{_CACHE_KW: cache})
             masks = {"full_attention": create_causal_mask(**mask_kwargs)}

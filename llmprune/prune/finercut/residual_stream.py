@@ -10,7 +10,8 @@ weight is edited; the family runs half-blocks through `attn_residual` / `mlp_res
 
 Memory: (sublayers + 1) × tokens × hidden in the model dtype for the boundaries, plus the dense
 model's reference (tokens × vocabulary float32 log-probabilities or logits; tokens × k with a
-top-k vocabulary) and its final hidden states, plus the vocabulary bound's slices (per chunk, the
+top-k vocabulary) and its final hidden states, a float32 copy of the LM head when the model is
+bf16/fp16 (the head always runs in float32), plus the vocabulary bound's slices (per chunk, the
 head rows of a few thousand token ids, and tokens × k float64 dense probabilities).
 """
 from __future__ import annotations
@@ -90,13 +91,17 @@ class ResidualStream:
         self.softcap = family.logit_softcap(model.config)  # Gemma 2: logits = c·tanh(head(x)/c)
         self.vocab = self.head.out_features
         self.subset: torch.Tensor | None = None  # vocabulary ids scored (top-k mode), None: all
-        self._weight, self._bias = self.head.weight, self.head.bias
+        # The head always runs in float32 (a [V, d] copy when the model is bf16/fp16): the vocabulary
+        # bound's margins cover float32 rounding, not bf16's, so this keeps the exact search exact.
+        self._head_w = self.head.weight.float()
+        self._head_b = None if self.head.bias is None else self.head.bias.float()
+        self._weight, self._bias = self._head_w, self._head_b
         self.targets = [divergence.next_token_targets(t) for t in self.chunk_tokens]
         self.n_scored = [divergence.scored_tokens(distance, t) for t in self.chunk_tokens]
         if topk_vocab and divergence.needs_reference(distance):
             self._restrict_vocab(topk_vocab)
         # Cheap lower bounds of the per-token values (exact search aid); filled by the same dense pass.
-        self.bound = (VocabBound(distance, self.head.weight, self.head.bias, bound_topk, self.softcap)
+        self.bound = (VocabBound(distance, self._head_w, self._head_b, bound_topk, self.softcap)
                       if bound_topk and supports(distance) and self.subset is None else None)
         self.refs = [self._dense_pass(j) for j in range(self.n_chunks)]
         self.row_order: list[torch.Tensor | None] = [None] * self.n_chunks
@@ -152,7 +157,7 @@ class ResidualStream:
     def _logits(self, rows: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head (restricted to the scored vocabulary) on [n, d] residuals: [n, V'] float32."""
         self.work["head_tokens"] += rows.shape[0]
-        z = F.linear(self.norm(rows), self._weight, self._bias).float()
+        z = F.linear(self.norm(rows).float(), self._weight, self._bias)
         return z if self.softcap is None else self.softcap * torch.tanh(z / self.softcap)
 
     def _row_block(self) -> int:
@@ -193,8 +198,8 @@ class ResidualStream:
         ids = [z.topk(min(k, self.vocab), dim=-1).indices.unique()
                for j in range(self.n_chunks) for z, _ in self._dense_blocks(j)]
         self.subset = torch.cat(ids).unique()
-        self._weight = self.head.weight.index_select(0, self.subset)
-        self._bias = None if self.head.bias is None else self.head.bias.index_select(0, self.subset)
+        self._weight = self._head_w.index_select(0, self.subset)
+        self._bias = None if self._head_b is None else self._head_b.index_select(0, self.subset)
         log.info("top-%d vocabulary: scoring %d of %d tokens", k, self.subset.numel(), self.vocab)
 
     @torch.no_grad()
@@ -238,7 +243,7 @@ class ResidualStream:
         assert self.bound is not None
         rows = final.reshape(-1, final.shape[-1])
         self.work["bound_tokens"] += rows.shape[0]
-        values = self.bound.values(j, self.norm(rows))
+        values = self.bound.values(j, self.norm(rows).float())
         return ChunkScore(float(values.sum()), divergence.count_scored(self.distance, self.targets[j]), False,
                           hidden=final)
 
@@ -292,7 +297,7 @@ class ResidualStream:
     def full_vocab_distance(self) -> float:
         """The current model's distance to the dense one over the whole vocabulary (ignores any top-k)."""
         saved = (self.subset, self._weight, self._bias)
-        self.subset, self._weight, self._bias = None, self.head.weight, self.head.bias
+        self.subset, self._weight, self._bias = None, self._head_w, self._head_b
         try:
             total = sum(self.score_hidden(self.h[-1][j], j, ref=self._reference(j)).total
                         for j in range(self.n_chunks))

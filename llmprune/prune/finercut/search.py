@@ -14,6 +14,7 @@ chunks first, of which the best `finalists` go on to the (exact) race on all chu
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
 from typing import Protocol
@@ -21,6 +22,13 @@ from typing import Protocol
 from .candidates import Candidate
 from .config import FastOptions
 from .residual_stream import ChunkScore, ResidualStream
+
+log = logging.getLogger(__name__)
+
+
+def warn_non_finite(cand: Candidate, value: float, where: str) -> None:
+    log.warning("removing %s gives a non-finite distance (%s) %s: the model without it produces NaN/inf "
+                "logits; it ranks last", cand.name, value, where)
 
 
 class Searcher(Protocol):
@@ -71,6 +79,7 @@ class Search:
         # Chunks are scored in this order. Any fixed order is exact; putting first the chunks on which
         # the last winner diverged most makes hopeless candidates cross the bound sooner.
         self.chunk_order = list(range(stream.n_chunks))
+        self.warned: set[int] = set()  # candidates already reported as non-finite
 
     @property
     def total_scored(self) -> int:
@@ -159,6 +168,9 @@ class Search:
         jobs = [(c, self.chunk_order[k]) for c, k in pairs]
         limits = [best_sum - tally.sum(c) for c, _ in pairs]
         for (c, k), (_, j), score in zip(pairs, jobs, self.stream.pair_sums(jobs, limits, bound=bound)):
+            if not math.isfinite(score.total):  # NaN compares false with everything: rank it last, as +inf
+                tally.add(c, j, self._non_finite(c, j, score), self.stream.n_chunks)
+                continue
             tally.add(c, j, score, k + 1 if score.complete or score.bound_only else self.stream.n_chunks)
         self.stats.candidate_chunks += len(pairs)
         self.stats.full_equivalents += len(pairs) / self.stream.n_chunks
@@ -168,10 +180,19 @@ class Search:
         """Replace chunk j's bound by the exact sum (scored from the kept output; stops past the limit)."""
         held = tally.per_chunk[c.index][j]
         exact = self.stream.score_hidden(held.hidden, j, limit=best_sum - (tally.sum(c) - held.total))
-        if not exact.complete and exact.total < held.total:  # both bound the chunk from below: keep the larger
+        if not math.isfinite(exact.total):
+            exact = self._non_finite(c, j, exact)
+        elif not exact.complete and exact.total < held.total:  # both bound the chunk from below: keep the larger
             exact = ChunkScore(held.total, held.seen, False)
         tally.replace(c, j, exact)
         self.stats.tightened += 1
+
+    def _non_finite(self, c: Candidate, j: int, score: ChunkScore) -> ChunkScore:
+        """A NaN / inf chunk sum becomes a complete +inf: the candidate loses to every finite one, ties by index."""
+        if c.index not in self.warned:
+            self.warned.add(c.index)
+            warn_non_finite(c, score.total, f"on calibration chunk {j}")
+        return ChunkScore(math.inf, score.seen, True)
 
     def _estimate(self, cands: list[Candidate], tally: Tally) -> None:
         for c in cands:

@@ -369,9 +369,13 @@ def cfsp_keep_ratios(importance: Sequence[float], keep: float, sharpness: float,
     w = torch.ones_like(imp) if weights is None else torch.tensor(list(weights), dtype=torch.float64)
     if keep <= 0:
         return [0.0] * len(imp)
+    if keep >= 1:
+        return [1.0] * len(imp)
     s = torch.sigmoid(sharpness * (imp - imp.mean()))
     avg = _weighted_mean(s, w)
     top = float(s[w > 0].max())
+    if top <= avg:  # all live layers equally important: nothing to spread
+        return [keep] * len(imp)
     if top / avg * keep >= 1:
         f = avg * (1 / keep - 1) / (top - avg) / 1.05
         s = avg + (s - avg) * f

@@ -30,8 +30,10 @@ class BudgetError(UsageError):
 # ---- costs -----------------------------------------------------------------------------------------
 def attn_kept_params(g: Geometry, n_kv: int, per_group: int, compensate: bool) -> int:
     """Parameters of the attention sublayer keeping `n_kv` KV groups of `per_group` query heads each."""
-    if not g.has_attn or n_kv == 0:
-        return 0
+    if not g.has_attn:
+        return g.attn_params()  # nothing, or an existing bias-only sublayer
+    if n_kv == 0:
+        return g.hidden * compensate  # removed; with compensation its mean output stays as a bias
     full = n_kv == g.n_kv_heads and per_group == g.group_size
     after = g.with_(n_kv_heads=n_kv, n_q_heads=n_kv * per_group, o_bias=g.o_bias or (compensate and not full))
     return after.attn_params()
@@ -39,8 +41,10 @@ def attn_kept_params(g: Geometry, n_kv: int, per_group: int, compensate: bool) -
 
 def mlp_kept_params(g: Geometry, width: int, compensate: bool) -> int:
     """Parameters of the FFN sublayer keeping `width` channels."""
-    if not g.has_mlp or width == 0:
-        return 0
+    if not g.has_mlp:
+        return g.mlp_params()
+    if width == 0:
+        return g.hidden * compensate
     full = width == g.intermediate
     return g.with_(intermediate=width, down_bias=g.down_bias or (compensate and not full)).mlp_params()
 
@@ -112,9 +116,10 @@ class FfnLevels(Sequence[Level]):
         self.m, self.cost = m, g.ffn_channel_cost()
         self.base = g.hidden * g.down_bias  # an existing down_proj bias stays while the FFN does
         self.over = g.hidden if compensate and not g.down_bias else 0  # bias added when partly pruned
+        self.gone = g.hidden if compensate else 0  # removed with compensation: a bias-only sublayer stays
 
     def params(self, width: int) -> int:  # = mlp_kept_params(g, width, compensate), without building Geometries
-        return 0 if width == 0 else width * self.cost + self.base + self.over * (width < self.m)
+        return self.gone if width == 0 else width * self.cost + self.base + self.over * (width < self.m)
 
     def __len__(self) -> int:
         return len(self.widths)

@@ -32,7 +32,8 @@ from ..context import PruneContext
 from ...families.base import BlockView, Geometry
 from ...plan import Plan
 from .allocate import LayerKeep, LayerUnits
-from .engine import DataWidthOptions, allocate, plan_width
+from .engine import allocate, plan_width
+from .options import DataWidthOptions
 
 CFSP_TOKENS = 128 * 1024  # the released calibration size, where its 1e4 equals the default sharpness
 

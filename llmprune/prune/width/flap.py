@@ -33,7 +33,8 @@ from ..context import PruneContext
 from ...families.base import BlockView, Geometry
 from ...plan import Plan
 from .allocate import LayerKeep, LayerUnits, Rules, check_sparsity, global_threshold, keep_shape, standardize, uniform
-from .engine import DataWidthOptions, allocate, plan_width
+from .engine import allocate, plan_width
+from .options import DataWidthOptions
 
 STRUCTURE_ALLOCATION = {"AL-AM": "global", "AL-MM": "global", "UL-MM": "uniform", "UL-UM": "uniform"}
 
@@ -45,6 +46,8 @@ class FlapConfig(DataWidthOptions):
     attention_sparsity: float | None = Field(None, ge=0, lt=1)  # MM structures: share of attention units removed
     compensate: bool = True
     faithful: bool = False
+    # Square attention channel scores once more (the released code does). None: follow `faithful`.
+    square_attention: bool | None = None
 
     @field_validator("metric", "structure", mode="before")
     @classmethod
@@ -67,6 +70,8 @@ class FlapConfig(DataWidthOptions):
             self.allocation = STRUCTURE_ALLOCATION[self.structure]
         if self.attention_sparsity is not None and self.structure not in ("AL-MM", "UL-MM"):
             raise ValueError("attention_sparsity (manual module ratio) applies to structure AL-MM or UL-MM only")
+        if self.square_attention is None:
+            self.square_attention = self.faithful
         if self.faithful and (self.query_heads or self.round_to != 1):
             raise ValueError("faithful reproduces the released FLAP, which has neither query_heads nor round_to; "
                              "drop those options or set faithful: false")
@@ -84,12 +89,12 @@ def channel_scores(metric: str, weight: torch.Tensor, moments: object) -> torch.
     return w.abs().mean(0) * moments.l2().cpu()
 
 
-def flap_scorer(metric: str, faithful: bool):  # noqa: ANN201
+def flap_scorer(metric: str, square_attention: bool):  # noqa: ANN201
     def score(block: BlockView, g: Geometry, stats: Stats | None, i: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         attn = mlp = None
         if block.attn is not None:
             attn = channel_scores(metric, block.attn.o.weight, stats[site_name(i, "attn.o_in")])
-            if faithful:
+            if square_attention:
                 attn = attn.pow(2)  # the released code squares attention scores once more
         if block.mlp is not None:
             mlp = channel_scores(metric, block.mlp.down.weight, stats[site_name(i, "mlp.down_in")])
@@ -208,5 +213,5 @@ def plan_flap(ctx: PruneContext, cfg: FlapConfig) -> Plan:
             return uniform_units(units, p) if cfg.faithful else uniform(units, p, rules, attention_keep=1 - p)
         return allocate(ctx, units, cfg, stats)  # coarse_to_fine / owl
 
-    return plan_width(ctx, cfg, flap_scorer(cfg.metric, cfg.faithful), score_sites=("attn.o_in", "mlp.down_in"),
-                      method="flap", allocator=allocator)
+    return plan_width(ctx, cfg, flap_scorer(cfg.metric, bool(cfg.square_attention)),
+                      score_sites=("attn.o_in", "mlp.down_in"), method="flap", allocator=allocator)

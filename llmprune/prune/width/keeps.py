@@ -14,7 +14,8 @@ def plan_from_keeps(geometry: list[Geometry], keeps: list[LayerKeep], method: st
     An empty keep list drops the whole sublayer.
 
     With `compensate`, removed o_proj / down_proj input channels are replaced by a bias made of
-    their calibration means (FLAP): needs `stats` with `attn.o_in` / `mlp.down_in` moments.
+    their calibration means (FLAP): needs `stats` with `attn.o_in` / `mlp.down_in` moments. A fully
+    removed sublayer then becomes bias-only (its constant mean output), as the released FLAP keeps it.
     """
     plan = Plan.identity(geometry, method=method)
     for i, (g, k) in enumerate(zip(geometry, keeps)):
@@ -22,6 +23,8 @@ def plan_from_keeps(geometry: list[Geometry], keeps: list[LayerKeep], method: st
         if k.kv_groups is not None and g.has_attn:
             if not k.kv_groups:
                 lp.attn = AttnPlan(drop=True)
+                if compensate:  # bias-only sublayer: its mean output W·μ (+ b) stays on the residual
+                    lp.attn.compensate = _means(stats, site_name(i, "attn.o_in"), list(range(g.n_q_heads * g.head_dim)))
             elif len(k.kv_groups) < g.n_kv_heads or k.q_heads is not None:
                 lp.attn = AttnPlan(keep_kv_groups=list(k.kv_groups) if len(k.kv_groups) < g.n_kv_heads else None,
                                    keep_q=[list(q) for q in k.q_heads] if k.q_heads is not None else None)
@@ -31,6 +34,8 @@ def plan_from_keeps(geometry: list[Geometry], keeps: list[LayerKeep], method: st
         if k.channels is not None and g.has_mlp:
             if not k.channels:
                 lp.mlp = MlpPlan(drop=True)
+                if compensate:
+                    lp.mlp.compensate = _means(stats, site_name(i, "mlp.down_in"), list(range(g.intermediate)))
             elif len(k.channels) < g.intermediate:
                 lp.mlp = MlpPlan(keep_channels=list(k.channels))
                 if compensate:

@@ -14,7 +14,8 @@ from ...calibrate import Stats
 from ..context import PruneContext
 from ...families.base import BlockView, Geometry
 from ...plan import Plan
-from .engine import WidthOptions, plan_width
+from .engine import plan_width
+from .options import WidthOptions
 
 
 class MagnitudeConfig(WidthOptions):

@@ -26,7 +26,8 @@ from ...families.base import BlockView, Geometry
 from ...plan import Plan
 from ..context import PruneContext
 from .allocate import LayerKeep
-from .engine import DataWidthOptions, plan_width
+from .engine import plan_width
+from .options import DataWidthOptions
 from .reconstruct import ReconstructionError, damp_scale, damped_cholesky
 
 

@@ -35,7 +35,7 @@ from ...plan import AttnPlan, MlpPlan, Plan
 from ...surgery import simulate
 from ..context import PruneContext
 from .allocate import LayerKeep, shape_of, uniform
-from .engine import WidthOptions, blank_units
+from .options import WidthOptions, blank_units
 from .keeps import plan_from_keeps
 from .reconstruct import Gram, layer_tensors, record_grams
 

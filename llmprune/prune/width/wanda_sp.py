@@ -18,7 +18,8 @@ from ...calibrate import Stats, site_name
 from ..context import PruneContext
 from ...families.base import BlockView, Geometry
 from ...plan import Plan
-from .engine import DataWidthOptions, plan_width
+from .engine import plan_width
+from .options import DataWidthOptions
 
 
 class WandaSpConfig(DataWidthOptions):
