@@ -34,7 +34,7 @@ from llmprune.evaluate.bench import (BenchSettings, cache_bytes, cache_keyword, 
 from llmprune.evaluate.flops import ideal_speedups  # noqa: E402
 from llmprune.evaluate.speed import model_shape  # noqa: E402
 from llmprune.families import family_for  # noqa: E402
-from llmprune.plan import AttnPlan, MlpPlan, Plan, attn_kept_channels  # noqa: E402
+from llmprune.plan import AttnPlan, MlpPlan, Plan  # noqa: E402
 
 
 def tiny_model() -> torch.nn.Module:

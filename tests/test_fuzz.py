@@ -77,6 +77,8 @@ def plans(draw: st.DrawFn, geometry: list[Geometry]) -> Plan:
     layers = [LayerPlan(attn=draw(attn_plan(g)), mlp=draw(mlp_plan(g))) for g in geometry]
     plan = Plan(layers=layers, geometry=list(geometry))
     assume(plan.kept_layers())  # removing every layer is refused by validate (tested elsewhere)
+    # a plan without any attention is refused at save (checkpoint.check_runnable; tests/test_faults.py)
+    assume(any(not lp.attn.drop for lp in layers))
     plan.validate()
     return plan
 
