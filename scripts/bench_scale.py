@@ -166,7 +166,7 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="0.3B,1.2B", help=f"comma-separated, of {', '.join(SHAPES)}")
-    p.add_argument("--modes", default="stream,memory", help="stream, memory or both")
+    p.add_argument("--modes", default="stream,memory", choices=("stream", "memory", "stream,memory", "memory,stream"), help="comma-separated: stream, memory or stream,memory (default)")
     p.add_argument("--method", default="wanda-sp")
     p.add_argument("--sparsity", type=float, default=0.2)
     p.add_argument("--nsamples", type=int, default=32)
