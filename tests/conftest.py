@@ -18,6 +18,17 @@ import torch  # noqa: E402
 
 import llmprune  # noqa: E402,F401  (registers llmprune_llama)
 
+# First lines of a subprocess script in which `import llmprune` is impossible (only transformers and the
+# checkpoint's remote code can load a model there); each test appends its own checks (dedented).
+NO_LLMPRUNE_PREAMBLE = """
+import sys, importlib.abc, json, torch
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "llmprune" or name.startswith("llmprune."):
+            raise ImportError("llmprune is not installed here")
+sys.meta_path.insert(0, Block())
+"""
+
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2")
 VOCAB = 320
 SLIDING_WINDOW = 5  # Gemma's sliding layers: shorter than the test sequences, so the window matters

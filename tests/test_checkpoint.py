@@ -15,19 +15,13 @@ from llmprune.checkpoint import CheckpointError, load_pruned, save_pruned
 from llmprune.families import family_for
 from llmprune.plan import MlpPlan, Plan
 
-from .conftest import make_model
+from .conftest import NO_LLMPRUNE_PREAMBLE, make_model
 from .test_surgery import mixed_plan
 
 REPO = Path(__file__).resolve().parents[1]
 
 # Runs in a fresh interpreter where `import llmprune` is impossible: only transformers + remote code.
-NO_LLMPRUNE = textwrap.dedent("""
-    import sys, importlib.abc, json, torch
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name == "llmprune" or name.startswith("llmprune."):
-                raise ImportError("llmprune is not installed here")
-    sys.meta_path.insert(0, Block())
+NO_LLMPRUNE = NO_LLMPRUNE_PREAMBLE + textwrap.dedent("""
     from transformers import AutoModelForCausalLM
     d, ids = sys.argv[1], torch.tensor(json.loads(sys.argv[2]))
     m = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True).eval()

@@ -13,17 +13,11 @@ import torch
 from llmprune import surgery
 from llmprune.checkpoint import save_pruned
 
-from .conftest import make_model
+from .conftest import NO_LLMPRUNE_PREAMBLE, make_model
 from .test_surgery import mixed_plan
 
 # A fresh interpreter where `import llmprune` is impossible and every Future/DeprecationWarning is an error.
-STRICT_GENERATE = textwrap.dedent("""
-    import sys, importlib.abc, json, torch
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name == "llmprune" or name.startswith("llmprune."):
-                raise ImportError("llmprune is not installed here")
-    sys.meta_path.insert(0, Block())
+STRICT_GENERATE = NO_LLMPRUNE_PREAMBLE + textwrap.dedent("""
     from transformers import AutoModelForCausalLM
     d, ids = sys.argv[1], torch.tensor(json.loads(sys.argv[2]))
     m = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True).eval()

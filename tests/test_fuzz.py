@@ -24,7 +24,7 @@ from llmprune.families.base import Geometry  # noqa: E402
 from llmprune.plan import AttnPlan, LayerPlan, MlpPlan, Plan, attn_kept_channels  # noqa: E402
 from llmprune.recipe import RecipeError, builtin_recipes, load_recipe  # noqa: E402
 
-from .conftest import FAMILIES, make_model  # noqa: E402
+from .conftest import NO_LLMPRUNE_PREAMBLE, FAMILIES, make_model  # noqa: E402
 
 FUZZ = settings(max_examples=4, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -88,13 +88,7 @@ MODELS = {f: make_model(f, layers=2) for f in FAMILIES}
 
 # Loads every listed checkpoint in a fresh interpreter where `import llmprune` is impossible (only the
 # code shipped in the checkpoint), and prints the largest logit difference to the expected logits.
-NO_LLMPRUNE_MANY = textwrap.dedent("""
-    import sys, importlib.abc, json, torch
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name == "llmprune" or name.startswith("llmprune."):
-                raise ImportError("llmprune is not installed here")
-    sys.meta_path.insert(0, Block())
+NO_LLMPRUNE_MANY = NO_LLMPRUNE_PREAMBLE + textwrap.dedent("""
     from transformers import AutoModelForCausalLM
     ids, diffs = torch.tensor(json.loads(sys.argv[1])), []
     for d in sys.argv[2:]:
