@@ -20,7 +20,7 @@ from llmprune.loading import resolve_dtype
 from llmprune.recipe import load_recipe
 from llmprune.shards import ShardError
 
-from .conftest import make_model, python_docs_text
+from .conftest import make_model
 from .test_checkpoint import run_without_llmprune
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,13 +34,6 @@ def bf16_dir(tmp_path: Path, tiny_tokenizer) -> Path:  # noqa: ANN001
     tiny_tokenizer.save_pretrained(d)
     assert (d / "model.safetensors.index.json").exists()
     return d
-
-
-@pytest.fixture
-def cal_file(tmp_path: Path) -> Path:
-    p = tmp_path / "cal.txt"
-    p.write_text(python_docs_text(60_000))
-    return p
 
 
 def recipe(method: str, cal: Path, **extra):  # noqa: ANN201
@@ -69,8 +62,8 @@ def both_paths(model_dir: Path, tmp_path: Path, method: str, cal: Path, **extra)
 
 @pytest.mark.parametrize("method,extra", [("magnitude", {}), ("wanda-sp", {}), ("flap", {"pruner.structure": "AL-AM"}),
                                           ("cfsp", {})])
-def test_streamed_equals_in_memory(tmp_path, bf16_dir, cal_file, method, extra):
-    mem, st = both_paths(bf16_dir, tmp_path, method, cal_file, **extra)
+def test_streamed_equals_in_memory(tmp_path, bf16_dir, text_file, method, extra):
+    mem, st = both_paths(bf16_dir, tmp_path, method, text_file, **extra)
     a, b = tensors(mem), tensors(st)
     assert a.keys() == b.keys()
     for k in a:
@@ -83,21 +76,21 @@ def test_streamed_equals_in_memory(tmp_path, bf16_dir, cal_file, method, extra):
     assert sorted(p.name for p in mem.iterdir()) == sorted(p.name for p in st.iterdir())
 
 
-def test_tied_embeddings_and_float32_run(tmp_path, tiny_tokenizer, cal_file):
+def test_tied_embeddings_and_float32_run(tmp_path, tiny_tokenizer, text_file):
     d = tmp_path / "tied"
     make_model("qwen2", tie=True).save_pretrained(d)  # float32, single file, tied head, q/k/v biases
     tiny_tokenizer.save_pretrained(d)
-    mem, st = both_paths(d, tmp_path, "flap", cal_file)
+    mem, st = both_paths(d, tmp_path, "flap", text_file)
     a, b = tensors(mem), tensors(st)
     assert "lm_head.weight" not in b and a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_sharded_output_loads_with_and_without_llmprune(tmp_path, bf16_dir, cal_file, monkeypatch):
+def test_sharded_output_loads_with_and_without_llmprune(tmp_path, bf16_dir, text_file, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setattr(stream, "MAX_SHARD_SIZE", 30_000)
-    res = api.run(str(bf16_dir), recipe("flap", cal_file), tmp_path / "st", device="cpu", stream=True, progress=False)
+    res = api.run(str(bf16_dir), recipe("flap", text_file), tmp_path / "st", device="cpu", stream=True, progress=False)
     index = json.loads((res.out / "model.safetensors.index.json").read_text())
     shards = sorted(p.name for p in res.out.glob("model-*.safetensors"))
     assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == shards
@@ -113,34 +106,34 @@ def test_sharded_output_loads_with_and_without_llmprune(tmp_path, bf16_dir, cal_
 
 
 @pytest.mark.parametrize("mode", [True, "auto"])  # auto checks the files before choosing
-def test_truncated_shard_names_the_file(tmp_path, bf16_dir, cal_file, mode):
+def test_truncated_shard_names_the_file(tmp_path, bf16_dir, text_file, mode):
     shard = sorted(bf16_dir.glob("model-*.safetensors"))[1]
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
     with pytest.raises(ShardError, match=rf"{shard.name}.*truncated"):
-        api.run(str(bf16_dir), recipe("magnitude", cal_file), tmp_path / "o", device="cpu", stream=mode,
+        api.run(str(bf16_dir), recipe("magnitude", text_file), tmp_path / "o", device="cpu", stream=mode,
                 progress=False)
     assert not (tmp_path / "o").exists()
 
 
-def test_corrupt_header_names_the_file(tmp_path, bf16_dir, cal_file):
+def test_corrupt_header_names_the_file(tmp_path, bf16_dir, text_file):
     shard = sorted(bf16_dir.glob("model-*.safetensors"))[0]
     data = bytearray(shard.read_bytes())
     data[8:20] = b"\x00garbage!!\xff\xfe"
     shard.write_bytes(bytes(data))
     with pytest.raises(ShardError, match=rf"{shard.name}.*corrupt"):
-        api.run(str(bf16_dir), recipe("magnitude", cal_file), tmp_path / "o", device="cpu", stream=True,
+        api.run(str(bf16_dir), recipe("magnitude", text_file), tmp_path / "o", device="cpu", stream=True,
                 progress=False)
 
 
-def test_missing_shard_names_the_file(tmp_path, bf16_dir, cal_file):
+def test_missing_shard_names_the_file(tmp_path, bf16_dir, text_file):
     shard = sorted(bf16_dir.glob("model-*.safetensors"))[-1]
     shard.unlink()
     with pytest.raises(ShardError, match=rf"{shard.name}.*missing"):
         stream.choose("auto", str(bf16_dir), "magnitude", torch.device("cpu"), "auto")
 
 
-def test_failure_while_writing_leaves_nothing(tmp_path, bf16_dir, cal_file, monkeypatch):
+def test_failure_while_writing_leaves_nothing(tmp_path, bf16_dir, text_file, monkeypatch):
     calls = {"n": 0}
     real = stream.ShardWriter.put
 
@@ -152,9 +145,9 @@ def test_failure_while_writing_leaves_nothing(tmp_path, bf16_dir, cal_file, monk
 
     monkeypatch.setattr(stream.ShardWriter, "put", failing)
     with pytest.raises(KeyboardInterrupt):
-        api.run(str(bf16_dir), recipe("magnitude", cal_file), tmp_path / "o", device="cpu", stream=True,
+        api.run(str(bf16_dir), recipe("magnitude", text_file), tmp_path / "o", device="cpu", stream=True,
                 progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["base", "cal.txt"])  # no out, no partial dir
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["base", text_file.name])  # no out, no partial dir
 
 
 KILLED = textwrap.dedent("""
@@ -182,7 +175,7 @@ def test_killed_run_leaves_no_output_directory(tmp_path, bf16_dir):
     assert not out.exists()  # only a hidden .killed.partial-<pid> sibling can remain
 
 
-def test_only_one_block_is_ever_in_memory(tmp_path, bf16_dir, cal_file, monkeypatch):
+def test_only_one_block_is_ever_in_memory(tmp_path, bf16_dir, text_file, monkeypatch):
     real_blocks: list[int] = []
     orig = stream.StreamLoader._real
 
@@ -191,7 +184,7 @@ def test_only_one_block_is_ever_in_memory(tmp_path, bf16_dir, cal_file, monkeypa
         return orig(self, key, slots)
 
     monkeypatch.setattr(stream.StreamLoader, "_real", spy)
-    api.run(str(bf16_dir), recipe("wanda-sp", cal_file), tmp_path / "o", device="cpu", stream=True, progress=False)
+    api.run(str(bf16_dir), recipe("wanda-sp", text_file), tmp_path / "o", device="cpu", stream=True, progress=False)
     assert real_blocks and max(real_blocks) == 1
 
 
@@ -247,11 +240,11 @@ def test_hub_id_downloads_safetensors_then_streams(tmp_path, bf16_dir, monkeypat
 
 
 @pytest.mark.parametrize("family", ["gemma2", "phi3", "olmo2"])
-def test_streamed_equals_in_memory_other_families(tmp_path, tiny_tokenizer, cal_file, family):
+def test_streamed_equals_in_memory_other_families(tmp_path, tiny_tokenizer, text_file, family):
     d = tmp_path / family
     make_model(family, layers=3).to(torch.bfloat16).save_pretrained(d)
     tiny_tokenizer.save_pretrained(d)
-    mem, st = both_paths(d, tmp_path, "flap", cal_file)
+    mem, st = both_paths(d, tmp_path, "flap", text_file)
     a, b = tensors(mem), tensors(st)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((mem / "config.json").read_text()) == json.loads((st / "config.json").read_text())
