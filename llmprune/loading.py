@@ -132,6 +132,7 @@ def load(model_id: str, device: str | torch.device | None = "auto", dtype: str |
     from transformers import AutoModelForCausalLM
 
     dev = resolve_device(device)
+    model_id, revision = split_revision(model_id, revision)
     path, base = resolve_source(model_id, revision)
     config = load_config(model_id, path, revision)
     family = family_for(config)
@@ -152,6 +153,20 @@ def load(model_id: str, device: str | torch.device | None = "auto", dtype: str |
     return Loaded(model=model, tokenizer=tokenizer, family=family, model_id=model_id, path=str(path),
                   base_model=base_model_of(model_id, path, base), revision=revision,
                   identity=identity_for(model_id, path, revision, config))
+
+
+def split_revision(spec: str, revision: str | None = None) -> tuple[str, str | None]:
+    """`org/name@rev` (a Hub id pinned to a branch, tag or commit) -> ("org/name", "rev"); anything that exists
+    locally, or carries no `@`, is returned as it is with `revision`. Both pins at once are refused."""
+    if "@" not in spec or Path(spec).expanduser().exists() or looks_local(spec) or is_embedded(spec):
+        return spec, revision
+    name, _, rev = spec.rpartition("@")
+    if not name or not rev:
+        raise UsageError(f"model spec {spec!r}: expected NAMESPACE/NAME@REVISION")
+    if revision is not None and revision != rev:
+        raise UsageError(f"model spec {spec!r} pins revision {rev!r} but --revision {revision!r} was also given; "
+                         "pass only one")
+    return name, rev
 
 
 def looks_local(name: str) -> bool:

@@ -71,6 +71,7 @@ def recon_jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
                     ov = {**allocation_overrides(p, a), **(search if a == "search" else {})}
                     if p != "obs":
                         ov["pruner.reconstruct"] = rc
+                    ov.update(dict(kv.split("=", 1) for kv in args.set))
                     if args.rows and f"{p}/{rc}/{a}" not in args.rows:
                         continue
                     jobs.append({"name": f"{p}/{rc}/{a}", "recipe": p, "overrides": ov, "sparsity": s,
@@ -207,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recon-modes", nargs="+", default=["none", "ls"], choices=["none", "ls"])
     ap.add_argument("--recon-allocations", nargs="+", default=list(RECON_ALLOCATIONS), choices=list(RECON_ALLOCATIONS))
     ap.add_argument("--rows", nargs="+", default=None, help="only these table-3 rows, e.g. flap/ls/coarse_to_fine")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra recipe override for every table-3 row, e.g. pruner.reconstruct_target=residual")
     ap.add_argument("--skip-dense", action="store_true", help="do not measure the dense model")
     ap.add_argument("--search-generations", type=int, default=10)
     ap.add_argument("--search-offspring", type=int, default=8)

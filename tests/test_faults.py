@@ -620,3 +620,33 @@ def test_more_user_errors_are_one_clean_line(tmp_path, model_dir, capsys):
     with pytest.raises(SystemExit) as e:
         main([])
     assert e.value.code == 2
+
+
+# ---- 3b. a Hub base model is compared at the commit it was pruned from -----------------------------------
+def test_hub_baseline_is_pinned_to_the_recorded_commit(tmp_path, monkeypatch):
+    from llmprune import loading
+    from llmprune.errors import UsageError
+    from llmprune.evaluate.runner import resolve_baseline
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (tmp_path / "pruning.json").write_text(json.dumps({"provenance": {"base": {
+        "hub_id": "acme/tiny", "revision": "main", "commit": commit, "model_arg": "acme/tiny"}}}))
+    spec = resolve_baseline("base", tmp_path)
+    assert spec == f"acme/tiny@{commit}"
+    assert loading.split_revision(spec) == ("acme/tiny", commit)
+    assert loading.split_revision("acme/tiny") == ("acme/tiny", None)
+    local = tmp_path / "dir@v1"  # an existing local path keeps its '@'
+    local.mkdir()
+    assert loading.split_revision(str(local)) == (str(local), None)
+    with pytest.raises(UsageError, match="pass only one"):
+        loading.split_revision(spec, "v2")
+    seen = {}
+
+    def fake_source(model_id, revision):  # noqa: ANN001, ANN202
+        seen.update(model_id=model_id, revision=revision)
+        raise loading.ModelLoadError("stop here")
+
+    monkeypatch.setattr(loading, "resolve_source", fake_source)
+    with pytest.raises(loading.ModelLoadError):
+        loading.load(spec, device="cpu")
+    assert seen == {"model_id": "acme/tiny", "revision": commit}

@@ -88,10 +88,12 @@ def _recorded_base(ident: dict[str, Any], doc_path: Path) -> str:
     elif ident.get("path"):
         path = spec = ident["path"]
     else:
-        if ident.get("commit"):
-            log.info("base model %s was pruned at commit %s; the baseline loads the current %s", ident.get("hub_id"),
-                     ident["commit"], ident.get("revision") or "main")
-        return str(ident.get("hub_id") or ident.get("model_arg"))
+        hub_id = ident.get("hub_id")
+        pin = ident.get("commit") or ident.get("revision")
+        if hub_id and pin:  # the Hub model may have moved on since: compare against the commit that was pruned
+            log.info("baseline: %s pinned to commit %s, the one this checkpoint was pruned from", hub_id, pin)
+            return f"{hub_id}@{pin}"
+        return str(hub_id or ident.get("model_arg"))
     if not Path(path).is_dir():
         raise BaselineError(f"the base model recorded in {doc_path}, {path}, no longer exists; pass --baseline "
                             f"MODEL (the dense model this checkpoint was pruned from)")
@@ -122,13 +124,17 @@ def _baseline_config_and_tokenizer(spec: str) -> tuple[Any, Any]:
 
     from ..embedded import is_embedded, resolve_embedded
 
-    path = str(resolve_embedded(spec)) if is_embedded(spec) else spec
+    from ..loading import split_revision
+
+    path, revision = split_revision(spec)
+    path = str(resolve_embedded(path)) if is_embedded(path) else path
     try:
         check_model_path(path)
     except CheckpointError as e:
         raise BaselineError(f"baseline {spec!r}: " + str(e).replace("checkpoint directory ", "directory ")) from None
     try:
-        return AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        return (AutoConfig.from_pretrained(path, revision=revision),
+                AutoTokenizer.from_pretrained(path, revision=revision))
     except OSError as e:
         raise BaselineError(f"cannot load baseline {spec!r}: {str(e).splitlines()[0]}") from e
 

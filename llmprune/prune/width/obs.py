@@ -77,39 +77,57 @@ def obs_remove(w: torch.Tensor, h: torch.Tensor, groups: list[list[int]], n_remo
     `groups`: the removable column groups (columns outside every group, e.g. the bias, stay; the last
     column is the constant input, excluded from the damping scale).
     Removes `n_remove` groups, `per_step` at a time (single-column groups ranked by their own error;
-    larger groups one at a time by the exact group error). Returns (removed group indices, updated w)."""
-    w = w.clone()
+    larger groups one at a time by the exact group error). Returns (removed group indices, updated w
+    with the removed columns exactly zero).
+
+    The inverse and the weights are kept compacted to the remaining columns: each step downdates only
+    the rows and columns that stay (O(k²·|S|) for k remaining columns), so the work shrinks as
+    columns go."""
+    n = w.shape[1]
     chol, _ = damped_cholesky(h, damp, what, scale=damp_scale(h))
-    hinv = torch.cholesky_inverse(chol)  # [n, n]
+    hinv = torch.cholesky_inverse(chol)  # [k, k] over the remaining columns `cur`
+    cur = torch.arange(n, device=w.device)  # original index of each remaining column
+    where = torch.arange(n, device=w.device)  # original column -> its position in `cur` (-1: removed)
+    wk = w.clone()  # [out, k]
     alive = list(range(len(groups)))
     removed: list[int] = []  # in removal order
-    dead: list[int] = []  # columns of removed groups, kept exactly zero
+    single = all(len(g) == 1 for g in groups)
+    first_col = torch.tensor([g[0] for g in groups], device=w.device) if single else None
     while len(removed) < n_remove:
-        if all(len(groups[a]) == 1 for a in alive):
-            cols = torch.tensor([groups[a][0] for a in alive], device=w.device)
-            err = w[:, cols].pow(2).sum(0) / hinv.diagonal()[cols].clamp_min(1e-30)  # [n_alive]
+        if single:
+            al = torch.tensor(alive, device=w.device)
+            pos = where[first_col[al]]
+            err = wk[:, pos].pow(2).sum(0) / hinv.diagonal()[pos].clamp_min(1e-30)  # [n_alive]
             take = min(per_step, n_remove - len(removed))
-            pick = [alive[j] for j in torch.topk(-err, take).indices.tolist()]
+            pick = al[torch.topk(-err, take).indices].tolist()
         else:
             errs = []
             for a in alive:
-                s = torch.tensor(groups[a], device=w.device)
-                inv_ss = torch.linalg.inv(hinv[s][:, s])
-                errs.append(float(torch.einsum("os,st,ot->", w[:, s], inv_ss, w[:, s])))
+                sp = where[torch.tensor(groups[a], device=w.device)]
+                inv_ss = torch.linalg.inv(hinv[sp][:, sp])
+                errs.append(float(torch.einsum("os,st,ot->", wk[:, sp], inv_ss, wk[:, sp])))
             pick = [alive[min(range(len(alive)), key=errs.__getitem__)]]
-        s = torch.tensor([c for a in pick for c in groups[a]], device=w.device)
-        hss = hinv[s][:, s]
+        sp = where[torch.tensor([c for a in pick for c in groups[a]], device=w.device)]  # positions of S
+        keep = torch.ones(hinv.shape[0], dtype=torch.bool, device=w.device)
+        keep[sp] = False
+        kp = keep.nonzero().flatten()
+        hss = hinv[sp][:, sp]
         chol_ss, info = torch.linalg.cholesky_ex(hss)
-        solve = torch.cholesky_solve(hinv[s], chol_ss) if int(info) == 0 else torch.linalg.pinv(hss) @ hinv[s]
-        w -= w[:, s] @ solve  # δW = −W_S [(H⁻¹)_SS]⁻¹ (H⁻¹)_S,:  (zeroes W_S)
-        hinv -= hinv[:, s] @ solve  # downdate to the remaining columns
-        dead += s.tolist()
-        w[:, dead] = 0.0  # round-off of later updates must not revive removed columns
-        if not bool(torch.isfinite(w).all()):
-            raise ReconstructionError(f"{what}: the OBS update produced non-finite weights; raise pruner.damp")
+        h_sk = hinv[sp][:, kp]  # [|S|, k']
+        solve = torch.cholesky_solve(h_sk, chol_ss) if int(info) == 0 else torch.linalg.pinv(hss) @ h_sk
+        wk = wk[:, kp] - wk[:, sp] @ solve  # δW = −W_S [(H⁻¹)_SS]⁻¹ (H⁻¹)_S,K  on the kept columns
+        hinv = hinv[kp][:, kp] - h_sk.T @ solve  # downdate to the remaining columns
+        where[cur[sp]] = -1
+        cur = cur[kp]
+        where[cur] = torch.arange(len(cur), device=w.device)
         removed += pick
-        alive = [a for a in alive if a not in pick]
-    return removed, w
+        gone = set(pick)
+        alive = [a for a in alive if a not in gone]
+    if not bool(torch.isfinite(wk).all()):
+        raise ReconstructionError(f"{what}: the OBS update produced non-finite weights; raise pruner.damp")
+    out = torch.zeros_like(w)
+    out[:, cur] = wk
+    return removed, out
 
 
 class ObsSelector:

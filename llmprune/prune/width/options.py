@@ -55,6 +55,9 @@ class WidthOptions(BaseModel):
     owl: OwlOptions = Field(default_factory=OwlOptions)
     # least squares: refit kept o_proj / down_proj columns and bias to the dense outputs (docs/reconstruction.md)
     reconstruct: Literal["none", "ls"] = "none"
+    # what the refit aims at: the dense module on the pruned inputs, the dense model's module output, or that
+    # plus the residual stream's drift (docs/reconstruction.md, targets.py)
+    reconstruct_target: Literal["module", "dense", "residual"] = "module"
     damp: float = Field(0.01, ge=0)  # ridge λ = damp · mean(diag H) of the reconstruction
     hessian_dtype: Literal["float64", "float32"] = "float64"  # float32 halves H's memory (8B down_proj: 0.8 GB)
     search: SearchOptions = Field(default_factory=SearchOptions)
@@ -74,6 +77,7 @@ class WidthOptions(BaseModel):
 
     def walk_options(self) -> WalkOptions:
         return WalkOptions(refit=self.reconstruct == "ls", damp=self.damp, compensate=self.compensate,
+                           target=self.reconstruct_target,
                            hessian_dtype=getattr(torch, self.hessian_dtype))
 
     def needs_data(self) -> bool:

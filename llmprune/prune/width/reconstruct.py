@@ -32,6 +32,7 @@ from ...surgery import simulate
 from ..context import PruneContext
 from .allocate import LayerKeep
 from .keeps import plan_from_keeps
+from .targets import no_context, paired_cross
 
 log = logging.getLogger(__name__)
 MAX_DAMP = 1e3  # relative to mean(diag H): beyond this the fit is no longer a reconstruction
@@ -109,11 +110,13 @@ def damped_cholesky(h: torch.Tensor, damp: float, what: str = "H", scale: float 
 
 @torch.no_grad()
 def refit(weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor, kept: list[int], damp: float = 0.01,
-          what: str = "H") -> tuple[torch.Tensor, torch.Tensor]:
+          what: str = "H", cross: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Least-squares refit of the kept input columns (see the module docstring).
 
     weight [out, in], bias [out] or None, h [(in+1), (in+1)] = E[x̃ x̃ᵀ]; `kept` input columns in the
-    order the result should have. Returns (W'_K [out, |K|], b' [out]) in float64.
+    order the result should have. `cross` [out, in+1] = E[T x̃ᵀ] for another target T than the dense
+    module on these inputs (targets.py): then W'_K̃ = W_K̃ + (P_K̃ − W_K̃ H_K̃K̃)(H_K̃K̃ + λI)⁻¹, which
+    for P = W̃H is the formula above. Returns (W'_K [out, |K|], b' [out]) in float64.
     """
     n_in = weight.shape[1]
     if h.shape != (n_in + 1, n_in + 1):
@@ -127,7 +130,14 @@ def refit(weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor, kept
     mask[k] = False
     r = mask.nonzero().flatten()
     out = wt.index_select(1, k)  # W_K̃
-    if r.numel():
+    if cross is not None:
+        if cross.shape != (w.shape[0], n_in + 1):
+            raise ValueError(f"{what}: cross moment is {tuple(cross.shape)}, expected {(w.shape[0], n_in + 1)}")
+        hkk = h.index_select(0, k).index_select(1, k)
+        chol, _ = damped_cholesky(hkk, damp, what, scale=damp_scale(h))
+        rhs = (cross.to(h.device, torch.float64).index_select(1, k) - out @ hkk).T  # [|K̃|, out]
+        out = out + torch.cholesky_solve(rhs, chol).T
+    elif r.numel():
         hkk = h.index_select(0, k).index_select(1, k)
         hrk = h.index_select(0, r).index_select(1, k)  # [|R|, |K̃|]
         chol, _ = damped_cholesky(hkk, damp, what, scale=damp_scale(h))
@@ -164,23 +174,25 @@ class WalkOptions:
     damp: float = 0.01
     hessian_dtype: torch.dtype = torch.float64
     compensate: bool = False  # FLAP bias compensation (ignored where a refit replaces it)
+    target: str = "module"  # what the refit aims at (targets.py): module | dense | residual
     attn_needs_gram: bool = False  # the attention chooser uses H (OBS)
     mlp_needs_gram: bool = False
     extras: dict = field(default_factory=dict)
 
 
 def layer_tensors(block: BlockView, g: Geometry, keep: LayerKeep, plan: Plan, i: int, h_o: torch.Tensor | None,
-                  h_down: torch.Tensor | None, damp: float) -> dict[str, torch.Tensor]:
+                  h_down: torch.Tensor | None, damp: float, cross_o: torch.Tensor | None = None,
+                  cross_down: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Refit the partly pruned o_proj / down_proj of layer i (plan: at least this layer's decisions)."""
     out: dict[str, torch.Tensor] = {}
     lp = plan.layers[i]
     if h_o is not None and block.attn is not None and not lp.attn.drop and not lp.attn.is_identity():
         w, b = refit(block.attn.o.weight, block.attn.o.bias, h_o, attn_kept_channels(g, lp.attn), damp,
-                     f"layer {i} o_proj input second moment")
+                     f"layer {i} o_proj input second moment", cross_o)
         out[f"L{i}.attn.o.weight"], out[f"L{i}.attn.o.bias"] = w.float().cpu(), b.float().cpu()
     if h_down is not None and block.mlp is not None and not lp.mlp.drop and not lp.mlp.is_identity():
         w, b = refit(block.mlp.down.weight, block.mlp.down.bias, h_down, lp.mlp.keep_channels, damp,
-                     f"layer {i} down_proj input second moment")
+                     f"layer {i} down_proj input second moment", cross_down)
         out[f"L{i}.mlp.down.weight"], out[f"L{i}.mlp.down.bias"] = w.float().cpu(), b.float().cpu()
     return out
 
@@ -207,6 +219,11 @@ def walk_layers(ctx: PruneContext, choose_attn: Choose, choose_mlp: Choose, site
     keeps = [LayerKeep() for _ in range(n)]
     tensors: dict[str, torch.Tensor] = {}
     compensate = opts.compensate and not opts.refit
+    paired = opts.refit and opts.target != "module"
+    dense_hidden = list(walker.hidden) if paired else []  # the dense model's stream, for dense / residual targets
+
+    def target_for(post_norm: object) -> str:  # a post-norm sits between the sublayer and the residual
+        return "dense" if opts.target == "residual" and post_norm is not None else opts.target
 
     def layer_plan(i: int, keep: LayerKeep, extra: dict[str, torch.Tensor]) -> Plan:
         only = [keep if j == i else LayerKeep() for j in range(n)]
@@ -225,8 +242,13 @@ def walk_layers(ctx: PruneContext, choose_attn: Choose, choose_mlp: Choose, site
             h_o = gram_o[f"L{i}.o"].matrix() if gram_o else None
             a_keep = choose_attn(i, block, g, stats, h_o)
             a_keep = LayerKeep(kv_groups=a_keep.kv_groups, q_heads=a_keep.q_heads)  # the FFN is decided after pass B
+            dense_next: list[torch.Tensor] = []
+            cross_o = cross_d = None
+            if paired and block.attn is not None:
+                cross_o = paired_cross(walker, i, dense_hidden, block.attn.o, block.attn.module, "attn",
+                                       target_for(block.attn.post_norm), no_context, dense_next)
             t_attn = layer_tensors(block, g, a_keep, layer_plan(i, a_keep, {}), i, h_o if opts.refit else None, None,
-                                   opts.damp)
+                                   opts.damp, cross_o=cross_o)
             h_down = None
             if block.mlp is not None and (opts.refit or opts.mlp_needs_gram):
                 gram_d = {f"L{i}.down": Gram(opts.hessian_dtype)}
@@ -234,13 +256,22 @@ def walk_layers(ctx: PruneContext, choose_attn: Choose, choose_mlp: Choose, site
                         record_grams({f"L{i}.down": block.mlp.down}, gram_d):
                     walker.run(i, keep=False)
                 h_down = gram_d[f"L{i}.down"].matrix()
+                if paired:
+                    cross_d = paired_cross(walker, i, dense_hidden, block.mlp.down, block.mlp.module, "mlp",
+                                           target_for(block.mlp.post_norm),
+                                           lambda: simulate(ctx.model, layer_plan(i, a_keep, t_attn), ctx.family),
+                                           None if dense_next else dense_next)
             keeps[i] = _merge(a_keep, choose_mlp(i, block, g, stats, h_down))
             full = layer_plan(i, keeps[i], {})
-            t_layer = t_attn | layer_tensors(block, g, keeps[i], full, i, None, h_down if opts.refit else None, opts.damp)
+            t_layer = t_attn | layer_tensors(block, g, keeps[i], full, i, None, h_down if opts.refit else None, opts.damp,
+                                             cross_down=cross_d)
             tensors.update(t_layer)
             full.tensors = t_layer
             with simulate(ctx.model, full, ctx.family):
                 walker.advance_through(i)
+            if paired:
+                dense_hidden = dense_next if dense_next else [o[0] if isinstance(o, tuple) else o
+                                                              for o in walker.run(i, dense_hidden)]
             del h_o, h_down
     plan = plan_from_keeps(geo, keeps, method, stats=stats, compensate=compensate)
     plan.tensors = tensors
