@@ -241,3 +241,25 @@ def test_checkpoint_round_trip_with_refit_biases(tmp_path, tokens, tiny_tokenize
     back, _ = load_pruned(out)
     torch.testing.assert_close(back(tokens).logits, pruned(tokens).logits)
     assert "tensors" in Plan.load(out).to_dict()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "phi3", "olmo2"])
+@pytest.mark.parametrize("method,overrides", [("obs", {}), ("wanda-sp", {"pruner.reconstruct": "ls"})])
+def test_replayed_sublayers_give_the_same_plan_as_recomputing(family, method, overrides, monkeypatch):
+    """replay.py: the walk's pass B / C stand-ins (recorded o_proj / down_proj inputs) change nothing."""
+    from llmprune.prune.width import replay
+
+    model = make_model(family)
+    calib = torch.randint(3, 320, (8, 16), generator=torch.Generator().manual_seed(2))
+    recipe = load_recipe(method, {"sparsity": 0.4, "calibration.batch_size": 4, **overrides})
+    calls = []
+    real_stand_in = replay.Replay.stand_in
+    monkeypatch.setattr(replay.Replay, "stand_in", lambda self, *a, **k: calls.append(1) or real_stand_in(self, *a, **k))
+    fast = api.make_plan(model, recipe, calib, progress=False)
+    assert calls  # the stand-ins were used
+    monkeypatch.setattr(replay, "MAX_BYTES", 0)  # too big to record: recompute every pass
+    slow = api.make_plan(model, recipe, calib, progress=False)
+    assert fast.to_dict() == slow.to_dict()
+    assert fast.tensors.keys() == slow.tensors.keys()
+    for k in fast.tensors:
+        torch.testing.assert_close(fast.tensors[k], slow.tensors[k], rtol=1e-5, atol=1e-6)

@@ -32,6 +32,7 @@ from ...surgery import simulate
 from ..context import PruneContext
 from .allocate import LayerKeep
 from .keeps import plan_from_keeps
+from .replay import Replay, fits
 from .targets import no_context, paired_cross
 
 log = logging.getLogger(__name__)
@@ -222,6 +223,8 @@ def walk_layers(ctx: PruneContext, choose_attn: Choose, choose_mlp: Choose, site
     paired = opts.refit and opts.target != "module"
     dense_hidden = list(walker.hidden) if paired else []  # the dense model's stream, for dense / residual targets
 
+    act_dtype = walker.hidden[0].dtype if walker.hidden else torch.float32
+
     def target_for(post_norm: object) -> str:  # a post-norm sits between the sublayer and the residual
         return "dense" if opts.target == "residual" and post_norm is not None else opts.target
 
@@ -234,10 +237,17 @@ def walk_layers(ctx: PruneContext, choose_attn: Choose, choose_mlp: Choose, site
     for i in tqdm(range(n), desc=desc, unit="layer", disable=not ctx.progress):
         with ctx.on_device(i):  # a streamed block is read once for all its passes
             block, g = ctx.family.block(ctx.model, i), geo[i]
+            # replay.py: the pruned sublayers' outputs from their recorded last-linear inputs
+            replay_ok = not paired and fits(walker.n_tokens, (g.n_q_heads * g.head_dim if block.attn else 0)
+                                            + (g.intermediate if block.mlp else 0), act_dtype)
+            rep_o = Replay(walker.store) if replay_ok and block.attn is not None and block.attn.qk_norm_per_head \
+                else None
+            rep_d = Replay(walker.store) if replay_ok and block.mlp is not None else None
             want_o = block.attn is not None and (opts.refit or opts.attn_needs_gram)
             gram_o = {f"L{i}.o": Gram(opts.hessian_dtype)} if want_o else {}
             mods_o = {f"L{i}.o": block.attn.o} if gram_o else {}
-            with record(site_modules(block, sites), stats), record_grams(mods_o, gram_o):
+            with record(site_modules(block, sites), stats), record_grams(mods_o, gram_o), \
+                    rep_o.record(block.attn.o) if rep_o else contextlib.nullcontext():
                 walker.run(i, keep=False)  # statistics only
             h_o = gram_o[f"L{i}.o"].matrix() if gram_o else None
             a_keep = choose_attn(i, block, g, stats, h_o)
@@ -249,30 +259,42 @@ def walk_layers(ctx: PruneContext, choose_attn: Choose, choose_mlp: Choose, site
                                        target_for(block.attn.post_norm), no_context, dense_next)
             t_attn = layer_tensors(block, g, a_keep, layer_plan(i, a_keep, {}), i, h_o if opts.refit else None, None,
                                    opts.damp, cross_o=cross_o)
+            attn_plan = layer_plan(i, a_keep, t_attn)
+
+            def attn_stand_in(p: Plan) -> contextlib.AbstractContextManager[None]:
+                if rep_o is None or p.layers[i].attn.drop:  # a dropped sublayer is silenced by simulate
+                    return contextlib.nullcontext()
+                return rep_o.stand_in(block.attn.module, block.attn.o, returns_tuple=True)
+
             h_down = None
             if block.mlp is not None and (opts.refit or opts.mlp_needs_gram):
                 gram_d = {f"L{i}.down": Gram(opts.hessian_dtype)}
-                with simulate(ctx.model, layer_plan(i, a_keep, t_attn), ctx.family), \
-                        record_grams({f"L{i}.down": block.mlp.down}, gram_d):
+                with simulate(ctx.model, attn_plan, ctx.family), attn_stand_in(attn_plan), \
+                        record_grams({f"L{i}.down": block.mlp.down}, gram_d), \
+                        rep_d.record(block.mlp.down) if rep_d else contextlib.nullcontext():
                     walker.run(i, keep=False)
                 h_down = gram_d[f"L{i}.down"].matrix()
                 if paired:
                     cross_d = paired_cross(walker, i, dense_hidden, block.mlp.down, block.mlp.module, "mlp",
                                            target_for(block.mlp.post_norm),
-                                           lambda: simulate(ctx.model, layer_plan(i, a_keep, t_attn), ctx.family),
+                                           lambda: simulate(ctx.model, attn_plan, ctx.family),
                                            None if dense_next else dense_next)
+            else:
+                rep_d = None  # no pass B: nothing recorded
             keeps[i] = _merge(a_keep, choose_mlp(i, block, g, stats, h_down))
             full = layer_plan(i, keeps[i], {})
             t_layer = t_attn | layer_tensors(block, g, keeps[i], full, i, None, h_down if opts.refit else None, opts.damp,
                                              cross_down=cross_d)
             tensors.update(t_layer)
             full.tensors = t_layer
-            with simulate(ctx.model, full, ctx.family):
+            mlp_stand_in = rep_d.stand_in(block.mlp.module, block.mlp.down, returns_tuple=False) \
+                if rep_d is not None and not full.layers[i].mlp.drop else contextlib.nullcontext()
+            with simulate(ctx.model, full, ctx.family), attn_stand_in(full), mlp_stand_in:
                 walker.advance_through(i)
             if paired:
                 dense_hidden = dense_next if dense_next else [o[0] if isinstance(o, tuple) else o
                                                               for o in walker.run(i, dense_hidden)]
-            del h_o, h_down
+            del h_o, h_down, rep_o, rep_d
     plan = plan_from_keeps(geo, keeps, method, stats=stats, compensate=compensate)
     plan.tensors = tensors
     plan.validate()
