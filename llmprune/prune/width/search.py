@@ -38,6 +38,7 @@ from .allocate import LayerKeep, shape_of, uniform
 from .options import WidthOptions, blank_units
 from .keeps import plan_from_keeps
 from .reconstruct import Gram, layer_tensors, record_grams
+from .targets import no_context, paired_cross
 
 log = logging.getLogger(__name__)
 
@@ -102,21 +103,32 @@ def build_ladders(ctx: PruneContext, opts: WidthOptions, selector: object, sites
         return plan_from_keeps(geo, [keep if j == i else LayerKeep() for j in range(n)], "search", stats=stats,
                                compensate=compensate)
 
+    paired = refit and opts.reconstruct_target != "module"
+    dense_hidden = list(walker.hidden) if paired else []  # the dense stream (targets.py)
+
+    def target_for(post_norm: object) -> str:
+        return "dense" if opts.reconstruct_target == "residual" and post_norm is not None else opts.reconstruct_target
+
     for i in tqdm(range(n), desc="building levels", unit="layer", disable=not ctx.progress):
         block, g = ctx.family.block(ctx.model, i), geo[i]
         a_shape, width = shape_of(centre[i], g)
         use_gram = refit or selector.needs_gram
         gram = {"o": Gram(getattr(torch, opts.hessian_dtype))} if a_shape is not None and use_gram else {}
         with record(site_modules(block, sites), stats), record_grams({"o": block.attn.o} if gram else {}, gram):
-            walker.run(i)
+            walker.run(i, keep=False)
         h_o = gram["o"].matrix() if gram else None
+        dense_next: list[torch.Tensor] = []
+        cross_o = cross_d = None
+        if paired and a_shape is not None:
+            cross_o = paired_cross(walker, i, dense_hidden, block.attn.o, block.attn.module, "attn",
+                                   target_for(block.attn.post_norm), no_context, dense_next)
         a_centre = LayerKeep()
         if a_shape is not None:
             lad = Ladder(i, "attn")
             for k in ladder_sizes(a_shape[0], g.n_kv_heads, 1, s.levels):
                 keep = selector.attn(i, block, g, stats, h_o, (k, g.group_size if k else 0))
                 p = one(i, keep)
-                t = layer_tensors(block, g, keep, p, i, h_o if refit else None, None, opts.damp)
+                t = layer_tensors(block, g, keep, p, i, h_o if refit else None, None, opts.damp, cross_o=cross_o)
                 lad.variants.append(Variant(k, p.layers[i].attn, t, attn_cost(g, k, rules.compensate)))
                 if k == a_shape[0]:
                     lad.centre, a_centre = len(lad.variants) - 1, keep
@@ -128,15 +140,19 @@ def build_ladders(ctx: PruneContext, opts: WidthOptions, selector: object, sites
             p = one(i, a_centre)
             p.tensors = t_attn
             with simulate(ctx.model, p, ctx.family), record_grams({"d": block.mlp.down}, gram):
-                walker.run(i)
+                walker.run(i, keep=False)
             h_d = gram["d"].matrix()
+            if paired:
+                cross_d = paired_cross(walker, i, dense_hidden, block.mlp.down, block.mlp.module, "mlp",
+                                       target_for(block.mlp.post_norm),
+                                       lambda: simulate(ctx.model, p, ctx.family), None if dense_next else dense_next)
         m_centre = LayerKeep()
         if width is not None:
             lad = Ladder(i, "mlp")
             for w in ladder_sizes(width, g.intermediate, ffn_step(g, s.ffn_step, opts.round_to), s.levels):
                 keep = selector.mlp(i, block, g, stats, h_d, w)
                 p = one(i, keep)
-                t = layer_tensors(block, g, keep, p, i, None, h_d if refit else None, opts.damp)
+                t = layer_tensors(block, g, keep, p, i, None, h_d if refit else None, opts.damp, cross_down=cross_d)
                 lad.variants.append(Variant(w, p.layers[i].mlp, t, mlp_cost(g, w, rules.compensate)))
                 if w == width:
                     lad.centre, m_centre = len(lad.variants) - 1, keep
@@ -144,7 +160,9 @@ def build_ladders(ctx: PruneContext, opts: WidthOptions, selector: object, sites
         full = one(i, LayerKeep(kv_groups=a_centre.kv_groups, q_heads=a_centre.q_heads, channels=m_centre.channels))
         full.tensors = {k: v for lad in ladders if lad.layer == i for k, v in lad.variants[lad.centre].tensors.items()}
         with simulate(ctx.model, full, ctx.family):
-            walker.advance(walker.run(i))
+            walker.advance_through(i)
+        if paired:
+            dense_hidden = dense_next if dense_next else walker.run(i, dense_hidden)
     return ladders
 
 
