@@ -104,7 +104,10 @@ def run(model_id: str, recipe: ResolvedRecipe, out: str | Path, *, device: str =
     timings: dict[str, float] = {}
     check_output_dir(out, overwrite, inputs=input_paths(model_id))  # before any expensive work
     dev = resolve_device(device)
-    choice = streaming.choose(stream, model_id, recipe.method, dev, dtype, revision)
+    # the searched allocation evaluates whole-model candidates many times: no streamed path for it yet
+    searched = getattr(recipe.options, "allocation", None) == "search"
+    choice = streaming.choose(stream, model_id, f"{recipe.method} (allocation: search)" if searched else recipe.method,
+                              dev, dtype, revision)
     log.info("pruning path: %s", choice.reason)
     loader = None
     if choice.stream:

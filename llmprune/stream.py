@@ -39,7 +39,7 @@ from .shards import INDEX_FILE, ShardedSource, ShardError, ShardWriter
 log = logging.getLogger(__name__)
 
 # Pruners whose planning touches weights only through PruneContext.on_device (the width engine).
-STREAMABLE = ("magnitude", "wanda-sp", "flap", "cfsp")
+STREAMABLE = ("magnitude", "wanda-sp", "flap", "cfsp", "obs", "finercut")
 IN_MEMORY_PEAK = 2.5  # the in-memory path holds up to this many copies of the model while pruning
 MEMORY_SHARE = 0.8  # --stream auto streams when the in-memory need exceeds this share of what is free
 MAX_SHARD_SIZE: int | str = "50GB"  # transformers' save_pretrained default

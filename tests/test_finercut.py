@@ -293,8 +293,8 @@ def test_unreachable_targets_fail_before_searching(calib):
     with pytest.raises(ValueError, match="needs calibration"):
         api.make_plan(model, load_recipe("finercut"), None, progress=False)
     ctx = PruneContext(model=model, family=family_for(model.config), sparsity=0.2, tokens=calib, offload=True)
-    with pytest.raises(ValueError, match="--offload is not supported"):
-        plan_finercut(ctx, FinerCutConfig())
+    with pytest.raises(ValueError, match="mode: reference.*needs it in memory"):
+        plan_finercut(ctx, FinerCutConfig(mode="reference"))
 
 
 @pytest.mark.parametrize("family_name", ["llama"])

@@ -31,6 +31,8 @@ import logging
 import math
 import time
 
+import torch
+
 from ...plan import Plan, sublayer_plan
 from ..context import PruneContext
 from ..width.allocate import BudgetError
@@ -38,6 +40,7 @@ from .candidates import Candidate, Target, build_candidates, front_exclusion, re
 from .config import FinerCutConfig
 from .divergence import finalize
 from .reference import ReferenceSearch
+from .residency import Residency, module_bytes, resident_rest
 from .residual_stream import ResidualStream
 from .search import ExactSearch, FastSearch, Searcher
 from ...errors import UsageError
@@ -47,9 +50,10 @@ log = logging.getLogger(__name__)
 # ---- the pruner --------------------------------------------------------------------------------
 def plan_finercut(ctx: PruneContext, cfg: FinerCutConfig) -> Plan:
     tokens = ctx.require_tokens()
-    if ctx.offload:
-        raise UsageError("finercut runs every block many times and keeps the model on its device; "
-                         "--offload is not supported (use a device with room for the model)")
+    visiting = ctx.offload or ctx.loader is not None  # blocks come to the device one at a time (residency.py)
+    if visiting and cfg.mode == "reference":
+        raise UsageError("finercut mode: reference runs the whole model for every candidate and needs it in memory "
+                         "on its device; drop --offload / --stream, or use mode: exact")
     geometry = ctx.geometry
     candidates = build_candidates(geometry, cfg.candidates)
     total = sum(g.linear_params() for g in geometry)
@@ -66,13 +70,25 @@ def plan_finercut(ctx: PruneContext, cfg: FinerCutConfig) -> Plan:
             topk = cfg.fast.topk_vocab if cfg.mode == "fast" else 0
             if topk and cfg.distance == "perplexity":
                 log.warning("fast.topk_vocab is ignored for the perplexity distance (it needs the full vocabulary)")
-            stream = ResidualStream(ctx.model, ctx.family, tokens, cfg.distance, batch_size=ctx.batch_size,
-                                    device=ctx.device, topk_vocab=topk, bound_topk=cfg.bound_topk,
-                                    progress=ctx.progress)
-            search = FastSearch(stream, cfg.candidate_batch, cfg.fast) if cfg.mode == "fast" else \
-                ExactSearch(stream, cfg.candidate_batch)
-        order = _greedy(search, cfg, candidates, target, excluded, readmit_after, ctx.progress)
-        final = search.final_distance(order, exact_vocab=cfg.mode == "fast")
+            if visiting:
+                log.info(cost_model(ctx, tokens, len(candidates), cfg))
+            residency = Residency(ctx.family.layers(ctx.model), _device(ctx), ctx.loader) if visiting \
+                else Residency.none()
+            rest_mods = [ctx.family.final_norm(ctx.model), ctx.family.lm_head(ctx.model)]
+            with resident_rest(ctx.model, rest_mods, _device(ctx), ctx.loader, ctx.offload) as rest:
+                stream = ResidualStream(ctx.model, ctx.family, tokens, cfg.distance, batch_size=ctx.batch_size,
+                                        device=ctx.device, topk_vocab=topk, bound_topk=cfg.bound_topk,
+                                        progress=ctx.progress, residency=residency, rest=(rest[0], rest[1]))
+                search = FastSearch(stream, cfg.candidate_batch, cfg.fast) if cfg.mode == "fast" else \
+                    ExactSearch(stream, cfg.candidate_batch)
+                try:
+                    order = _greedy(search, cfg, candidates, target, excluded, readmit_after, ctx.progress)
+                    final = search.final_distance(order, exact_vocab=cfg.mode == "fast")
+                finally:
+                    residency.release()
+        if cfg.mode == "reference":
+            order = _greedy(search, cfg, candidates, target, excluded, readmit_after, ctx.progress)
+            final = search.final_distance(order, exact_vocab=False)
     finally:
         ctx.model.train(model_was_training)
     plan = sublayer_plan(geometry, removed_set([c for c, _ in order]))
@@ -85,7 +101,30 @@ def plan_finercut(ctx: PruneContext, cfg: FinerCutConfig) -> Plan:
         "calibration_tokens": int(tokens.numel()), "search_seconds": round(time.perf_counter() - t0, 3),
         **search.stats.to_dict(),
     }
+    if visiting:
+        plan.extras["finercut"].update(block_transfers=residency.transfers, bytes_moved=residency.bytes_moved)
     return plan
+
+
+def _device(ctx: PruneContext) -> torch.device:
+    if ctx.device is not None:
+        return torch.device(ctx.device)
+    return next(p for p in ctx.model.parameters() if p.device.type != "meta").device
+
+
+def cost_model(ctx: PruneContext, tokens: torch.Tensor, n_candidates: int, cfg: FinerCutConfig) -> str:
+    """What visiting blocks costs, said before the search starts (docs/finercut.md, "Models larger than memory")."""
+    block = sum(module_bytes(m) for m in ctx.family.layers(ctx.model))
+    chunks = math.ceil(tokens.shape[0] / max(1, ctx.batch_size))
+    passes = math.ceil(n_candidates * chunks / max(1, cfg.candidate_batch)) + chunks
+    how = "read from the checkpoint's shards" if ctx.loader is not None else "copied from host memory"
+    gib = 2 ** 30
+    return (f"finercut with blocks {how} one at a time: one pass over the blocks moves up to {block / gib:.2f} GiB; "
+            f"the dense pass is one pass per micro-batch ({chunks}), and a search step makes at most "
+            f"~{passes} passes over the blocks after its earliest candidate ({n_candidates} candidates x {chunks} "
+            f"micro-batches in stacks of {cfg.candidate_batch}, plus the winner's), usually far fewer "
+            f"(early abandoning) — up to ~{passes * block / gib:.1f} GiB per step; the bytes actually moved go into "
+            f"pruning.json (finercut.bytes_moved)")
 
 
 def _greedy(search: Searcher, cfg: FinerCutConfig, candidates: list[Candidate], target: Target,

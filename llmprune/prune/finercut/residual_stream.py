@@ -12,7 +12,8 @@ Memory: (sublayers + 1) × tokens × hidden in the model dtype for the boundarie
 model's reference (tokens × vocabulary float32 log-probabilities or logits; tokens × k with a
 top-k vocabulary) and its final hidden states, a float32 copy of the LM head when the model is
 bf16/fp16 (the head always runs in float32), plus the vocabulary bound's slices (per chunk, the
-head rows of a few thousand token ids, and tokens × k float64 dense probabilities).
+head rows of a few thousand token ids, and tokens × k float64 dense probabilities). The blocks
+themselves may visit the device one at a time (`residency`, for offloaded or streamed models).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from ...calibrate.walker import BlockWalker
 from ...families import Family
 from . import divergence
 from .candidates import Candidate
+from .residency import Residency
 from .vocab_bound import VocabBound, supports
 
 log = logging.getLogger(__name__)
@@ -67,9 +69,15 @@ class ResidualStream:
 
     def __init__(self, model: nn.Module, family: Family, tokens: torch.Tensor, distance: str, batch_size: int = 1,
                  device: torch.device | str | None = None, topk_vocab: int = 0, bound_topk: int = 0,
-                 progress: bool = True):
+                 progress: bool = True, residency: Residency | None = None,
+                 rest: tuple[nn.Module, nn.Module] | None = None):
+        """`residency` brings blocks to the device one at a time (offloaded or streamed models, residency.py);
+        `rest` = (final norm, LM head) on the device when the model's own are not (there)."""
         self.model, self.family, self.distance = model, family, divergence.check_distance(distance)
-        walker = BlockWalker(model, family, tokens, batch_size=batch_size, device=device)
+        self.residency = residency or Residency.none()
+        walker = BlockWalker(model, family, tokens, batch_size=batch_size, device=device,
+                             offload=self.residency.active and self.residency.loader is None,
+                             loader=self.residency.loader)
         self.device = walker.device
         self.chunk_tokens = [b.to(self.device) for b in walker.batches]  # [b_j, T] ids
         self.layer_kwargs = [[_plain_kwargs(i, args, kw) for args, kw in per_batch]
@@ -84,10 +92,10 @@ class ResidualStream:
         # token × sublayer runs, tokens through the full LM head, tokens through the bound's vocabulary slice
         self.work = {"body_tokens": 0, "head_tokens": 0, "bound_tokens": 0}
         P = len(self.positions)
-        self.h: list[list[torch.Tensor]] = [walker.hidden] + [[] for _ in range(P)]
+        self.h: list[list[torch.Tensor]] = [[x.to(self.device) for x in walker.hidden]] + [[] for _ in range(P)]
         self._recompute_from(0, progress=progress, desc="residual stream")
         self.teacher_hidden = list(self.h[P])  # dense final residuals, kept for later full-vocabulary checks
-        self.norm, self.head = family.final_norm(model), family.lm_head(model)
+        self.norm, self.head = rest if rest is not None else (family.final_norm(model), family.lm_head(model))
         self.softcap = family.logit_softcap(model.config)  # Gemma 2: logits = c·tanh(head(x)/c)
         self.vocab = self.head.out_features
         self.subset: torch.Tensor | None = None  # vocabulary ids scored (top-k mode), None: all
@@ -132,6 +140,7 @@ class ResidualStream:
         """Sublayer at position p on x [m·b_j, T, d] (m stacked copies of chunk j)."""
         layer, kind = self.positions[p]
         block = self._blocks[layer]
+        self.residency(layer)  # on the device (and stays, until evicted) when blocks visit one at a time
         self.work["body_tokens"] += x.shape[0] * x.shape[1]
         if kind == "mlp":
             return self.family.mlp_residual(block, x)
