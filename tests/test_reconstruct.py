@@ -218,6 +218,13 @@ def test_search_meets_the_budget_exactly_and_is_deterministic(tokens):
         s = a.extras["search"]
         assert s["kl_best"] <= s["kl_centre"] and s["generations"] >= 1
         assert list(s["history"]) == sorted(s["history"], reverse=True)
+    # around another allocation's sizes: that allocation's budget, met exactly
+    c2f = api.make_plan(model, _search_recipe(**{"pruner.allocation": "coarse_to_fine"}), tokens, progress=False)
+    a = api.make_plan(model, _search_recipe(**{"pruner.search.start": "coarse_to_fine"}), tokens, progress=False)
+    b = api.make_plan(model, _search_recipe(**{"pruner.search.start": "coarse_to_fine"}), tokens, progress=False)
+    assert a.params_after() == c2f.params_after() and a.to_dict()["layers"] == b.to_dict()["layers"]
+    assert a.extras["search"]["start"] == "coarse_to_fine" and a.extras["search"]["kl_best"] <= \
+        a.extras["search"]["kl_centre"]
 
 
 def test_search_options_are_checked(tokens):

@@ -156,7 +156,12 @@ def plan_width(ctx: PruneContext, opts: WidthOptions, score: ScoreFn, score_site
     if opts.allocation == "search":
         from .search import plan_search
 
-        return plan_search(ctx, opts, selector, own, method)
+        centre = None
+        if opts.search.start != "uniform":  # the centre from another allocation's dense pass
+            start = opts.model_copy(update={"allocation": opts.search.start})
+            dense, units = _dense_units(ctx, start, score, own | signal_sites(start))
+            centre = allocate(ctx, units, start, dense)
+        return plan_search(ctx, opts, selector, own, method, centre)
     sites = own | signal_sites(opts)
     sequential = bool(getattr(opts, "sequential", False)) or selector.needs_gram
     if not sequential:

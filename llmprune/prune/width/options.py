@@ -30,6 +30,8 @@ class SearchOptions(BaseModel):
     """`allocation: search`: evolutionary search of per-layer levels (EvoPress / Týr-the-Pruner style)."""
 
     model_config = ConfigDict(extra="forbid")
+    # the centre the ladders are built around: an allocation of its own (coarse_to_fine etc. need a dense pass)
+    start: Literal["uniform", "global", "coarse_to_fine", "owl"] = "uniform"
     levels: int = Field(4, ge=1, le=16)  # ladder: centre ± this many steps per module
     ffn_step: float = Field(0.05, gt=0, lt=1)  # one FFN level = this fraction of the layer's FFN width
     generations: int = Field(20, ge=0)

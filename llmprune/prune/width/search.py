@@ -2,7 +2,8 @@
 parameter budget, with the KL divergence to the dense model's next-token distribution as fitness
 (EvoPress, arXiv 2410.14649; Týr-the-Pruner, arXiv 2503.09657).
 
-1. Centre: the uniform allocation (every layer keeps the same share), exact to one FFN channel.
+1. Centre: the uniform allocation (every layer keeps the same share), exact to one FFN channel, or
+   the allocation `search.start` names (coarse_to_fine, global, owl), from a dense statistics pass.
 2. Ladder: per layer, attention keeps centre ± k KV groups and the FFN centre ± k·Δ channels
    (k ≤ `levels`, Δ = `ffn_step` of the width, a multiple of `round_to`), within [0, full].
 3. Database: one walk over the layers on the calibration tokens, the centre level propagating
@@ -253,13 +254,15 @@ class Fitness:
 
 
 # ---- the pruner ------------------------------------------------------------------------------------------
-def plan_search(ctx: PruneContext, opts: WidthOptions, selector: object, sites: set[str], method: str) -> Plan:
+def plan_search(ctx: PruneContext, opts: WidthOptions, selector: object, sites: set[str], method: str,
+                centre: list[LayerKeep] | None = None) -> Plan:
+    """Search around `centre` (default: the uniform allocation; `search.start` names another)."""
     s = opts.search
     tokens = ctx.require_tokens()
     if s.samples > tokens.shape[0]:
         raise ValueError(f"search.samples is {s.samples} but only {tokens.shape[0]} calibration sequences were given; "
                          "lower search.samples or raise calibration.nsamples")
-    centre = uniform(blank_units(ctx, opts), ctx.sparsity, opts.rules())
+    centre = centre if centre is not None else uniform(blank_units(ctx, opts), ctx.sparsity, opts.rules())
     t0 = time.perf_counter()
     ladders = build_ladders(ctx, opts, selector, sites, centre)
     genome = [lad.centre for lad in ladders]
@@ -296,7 +299,7 @@ def plan_search(ctx: PruneContext, opts: WidthOptions, selector: object, sites: 
         bar.set_postfix(kl=f"{best:.4f}")
     plan = genome_plan(ctx.geometry, ladders, genome, method)
     plan.extras["search"] = {
-        "fitness": "kl_dense_to_pruned", "kl_centre": history[0], "kl_best": best, "generations": gens,
+        "fitness": "kl_dense_to_pruned", "start": opts.search.start, "kl_centre": history[0], "kl_best": best, "generations": gens,
         "history": [round(x, 6) for x in history], "samples": s.samples,
         "attn_kv_groups": {str(lad.layer): lad.variants[lv].size for lad, lv in zip(ladders, genome) if lad.kind == "attn"},
         "ffn_widths": {str(lad.layer): lad.variants[lv].size for lad, lv in zip(ladders, genome) if lad.kind == "mlp"},
