@@ -333,7 +333,38 @@ def write_streamed(loaded: Loaded, loader: StreamLoader, plan: Plan, out: Path, 
                      "weight_map": split.tensor_to_filename}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         write_extras(tmp, new, loaded.tokenizer, plan, info)
+        verify_streamed(tmp, loader.device, loader.dtype)
     return out
+
+
+@torch.no_grad()
+def verify_streamed(path: Path, device: torch.device, dtype: torch.dtype) -> None:
+    """Run the written checkpoint, as its own config.json describes it, on a short input, block by block
+    from its own shards (it is never loaded whole): every tensor present with its shape, finite logits of
+    the right shape. The in-memory save checks more (logits against the pruned model, a generate with the
+    KV cache); for a streamed run that would need the whole model in memory."""
+    from .calibrate.walker import BlockWalker
+    from .checkpoint import CheckpointError
+    from .errors import EXIT_FAILURE
+
+    config = load_config(str(path), str(path), None)
+    model = skeleton(config, dtype)
+    family = family_for(config)
+    ids = (torch.arange(16).unsqueeze(0) * 7919) % config.vocab_size  # [1, 16]
+    try:
+        loader = StreamLoader(model, family, ShardedSource(path), device)
+        walker = BlockWalker(model, family, ids, batch_size=1, device=device, loader=loader)
+        for i in range(len(family.layers(model))):
+            walker.advance_through(i)
+        logits = walker.logits()[0]
+    except Exception as e:  # noqa: BLE001 - any failure means the written checkpoint is unusable; say so, chained
+        raise CheckpointError(f"the streamed checkpoint does not run ({type(e).__name__}: {e}); nothing was written "
+                              f"to the output directory. This is a bug in llmprune; please report it with the "
+                              f"command line", exit_code=EXIT_FAILURE) from e
+    if logits.shape != (1, 16, config.vocab_size) or not bool(torch.isfinite(logits).all()):
+        raise CheckpointError(f"the streamed checkpoint gives {'non-finite' if logits.numel() else 'no'} logits of "
+                              f"shape {tuple(logits.shape)}; nothing was written to the output directory",
+                              exit_code=EXIT_FAILURE)
 
 
 def _config_files(new: nn.Module, tmp: Path) -> None:

@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from llmprune import api, stream
+from llmprune.checkpoint import CheckpointError
 from llmprune.errors import UsageError
 from llmprune.loading import resolve_dtype
 from llmprune.recipe import load_recipe
@@ -279,3 +280,26 @@ def test_finercut_with_offloaded_blocks_equals_in_memory(tmp_path, bf16_dir, tex
     with pytest.raises(UsageError, match="mode: reference"):
         api.run(str(bf16_dir), recipe("finercut", text_file, **{"pruner.mode": "reference"}), tmp_path / "r",
                 device="cpu", stream=True, progress=False)
+
+
+def test_streamed_save_runs_the_written_checkpoint_before_declaring_success(tmp_path, bf16_dir, text_file,
+                                                                            monkeypatch):
+    """verify_streamed runs what was written, block by block from its own shards: a broken tensor fails the
+    save and nothing is left behind."""
+    ran = []
+    real_verify = stream.verify_streamed
+    monkeypatch.setattr(stream, "verify_streamed", lambda *a: ran.append(a[0]) or real_verify(*a))
+    api.run(str(bf16_dir), recipe("magnitude", text_file), tmp_path / "ok", device="cpu", stream=True, progress=False)
+    assert ran and (tmp_path / "ok" / "config.json").exists()
+
+    real_put = stream.ShardWriter.put
+
+    def nan_put(self, name, t):  # noqa: ANN001, ANN202
+        return real_put(self, name, torch.full_like(t, float("nan")) if "layers.1.mlp.down" in name else t)
+
+    monkeypatch.setattr(stream.ShardWriter, "put", nan_put)
+    with pytest.raises(CheckpointError, match="non-finite"):
+        api.run(str(bf16_dir), recipe("magnitude", text_file), tmp_path / "bad", device="cpu", stream=True,
+                progress=False)
+    assert not (tmp_path / "bad").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["base", "ok", text_file.name])
