@@ -251,7 +251,10 @@ def test_checkpoint_round_trip_with_refit_biases(tmp_path, tokens, tiny_tokenize
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "phi3", "olmo2"])
-@pytest.mark.parametrize("method,overrides", [("obs", {}), ("wanda-sp", {"pruner.reconstruct": "ls"})])
+@pytest.mark.parametrize("method,overrides", [("obs", {}), ("wanda-sp", {"pruner.reconstruct": "ls"}),
+                                              ("obs", {"pruner.reconstruct_target": "residual"}),
+                                              ("wanda-sp", {"pruner.reconstruct": "ls",
+                                                            "pruner.reconstruct_target": "dense"})])
 def test_replayed_sublayers_give_the_same_plan_as_recomputing(family, method, overrides, monkeypatch):
     """replay.py: the walk's pass B / C stand-ins (recorded o_proj / down_proj inputs) change nothing."""
     from llmprune.prune.width import replay

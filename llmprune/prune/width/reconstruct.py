@@ -33,7 +33,7 @@ from ..context import PruneContext
 from .allocate import LayerKeep
 from .keeps import plan_from_keeps
 from .replay import Replay, fits
-from .targets import no_context, paired_cross
+from .targets import DenseStream, cross_moment, no_context, paired_cross
 
 log = logging.getLogger(__name__)
 MAX_DAMP = 1e3  # relative to mean(diag H): beyond this the fit is no longer a reconstruction
@@ -221,8 +221,7 @@ def walk_layers(ctx: PruneContext, choose_attn: Choose, choose_mlp: Choose, site
     tensors: dict[str, torch.Tensor] = {}
     compensate = opts.compensate and not opts.refit
     paired = opts.refit and opts.target != "module"
-    dense_hidden = list(walker.hidden) if paired else []  # the dense model's stream, for dense / residual targets
-
+    dense = DenseStream(walker.hidden) if paired else None  # the dense model's stream (targets.py)
     act_dtype = walker.hidden[0].dtype if walker.hidden else torch.float32
 
     def target_for(post_norm: object) -> str:  # a post-norm sits between the sublayer and the residual
@@ -237,64 +236,87 @@ def walk_layers(ctx: PruneContext, choose_attn: Choose, choose_mlp: Choose, site
     for i in tqdm(range(n), desc=desc, unit="layer", disable=not ctx.progress):
         with ctx.on_device(i):  # a streamed block is read once for all its passes
             block, g = ctx.family.block(ctx.model, i), geo[i]
-            # replay.py: the pruned sublayers' outputs from their recorded last-linear inputs
-            replay_ok = not paired and fits(walker.n_tokens, (g.n_q_heads * g.head_dim if block.attn else 0)
-                                            + (g.intermediate if block.mlp else 0), act_dtype)
-            rep_o = Replay(walker.store) if replay_ok and block.attn is not None and block.attn.qk_norm_per_head \
-                else None
-            rep_d = Replay(walker.store) if replay_ok and block.mlp is not None else None
+            resid_o = paired and block.attn is not None and target_for(block.attn.post_norm) == "residual"
+            resid_d = paired and block.mlp is not None and target_for(block.mlp.post_norm) == "residual"
+            # replay.py: the pruned sublayers' outputs from their recorded last-linear inputs; with a dense /
+            # residual target the dense side's inputs (and residuals) are recorded too
+            width = (g.n_q_heads * g.head_dim if block.attn else 0) + (g.intermediate if block.mlp else 0)
+            replay_ok = fits(walker.n_tokens, 2 * width + 3 * g.hidden if paired else width, act_dtype)
+            rec_o = Replay(walker.store) if replay_ok and block.attn is not None else None
+            stand_in_o = rec_o is not None and block.attn.qk_norm_per_head
+            rec_d = Replay(walker.store) if replay_ok and block.mlp is not None else None
+            if dense is not None and replay_ok:  # pass D: the dense block on the dense stream
+                dense.run(walker, i, block.attn.o if block.attn else None, block.mlp.down if block.mlp else None,
+                          block.mlp.module if resid_d else None)
             want_o = block.attn is not None and (opts.refit or opts.attn_needs_gram)
             gram_o = {f"L{i}.o": Gram(opts.hessian_dtype)} if want_o else {}
             mods_o = {f"L{i}.o": block.attn.o} if gram_o else {}
             with record(site_modules(block, sites), stats), record_grams(mods_o, gram_o), \
-                    rep_o.record(block.attn.o) if rep_o else contextlib.nullcontext():
+                    rec_o.record(block.attn.o) if rec_o else contextlib.nullcontext():
                 walker.run(i, keep=False)  # statistics only
             h_o = gram_o[f"L{i}.o"].matrix() if gram_o else None
             a_keep = choose_attn(i, block, g, stats, h_o)
             a_keep = LayerKeep(kv_groups=a_keep.kv_groups, q_heads=a_keep.q_heads)  # the FFN is decided after pass B
-            dense_next: list[torch.Tensor] = []
             cross_o = cross_d = None
-            if paired and block.attn is not None:
-                cross_o = paired_cross(walker, i, dense_hidden, block.attn.o, block.attn.module, "attn",
-                                       target_for(block.attn.post_norm), no_context, dense_next)
+            if dense is not None and block.attn is not None:
+                if replay_ok:
+                    cross_o = cross_moment(block.attn.o, dense.x_o, rec_o.inputs, dense.hidden if resid_o else None,
+                                           walker.hidden if resid_o else None)
+                else:
+                    cross_o = paired_cross(walker, i, dense.hidden, block.attn.o, block.attn.module, "attn",
+                                           target_for(block.attn.post_norm), no_context, dense.next)
             t_attn = layer_tensors(block, g, a_keep, layer_plan(i, a_keep, {}), i, h_o if opts.refit else None, None,
                                    opts.damp, cross_o=cross_o)
             attn_plan = layer_plan(i, a_keep, t_attn)
 
             def attn_stand_in(p: Plan) -> contextlib.AbstractContextManager[None]:
-                if rep_o is None or p.layers[i].attn.drop:  # a dropped sublayer is silenced by simulate
+                if not stand_in_o or p.layers[i].attn.drop:  # a dropped sublayer is silenced by simulate
                     return contextlib.nullcontext()
-                return rep_o.stand_in(block.attn.module, block.attn.o, returns_tuple=True)
+                return rec_o.stand_in(block.attn.module, block.attn.o, returns_tuple=True)
 
             h_down = None
             if block.mlp is not None and (opts.refit or opts.mlp_needs_gram):
                 gram_d = {f"L{i}.down": Gram(opts.hessian_dtype)}
-                with simulate(ctx.model, attn_plan, ctx.family), attn_stand_in(attn_plan), \
-                        record_grams({f"L{i}.down": block.mlp.down}, gram_d), \
-                        rep_d.record(block.mlp.down) if rep_d else contextlib.nullcontext():
-                    walker.run(i, keep=False)
+                mlp_out: list[torch.Tensor] = []
+                tap = block.mlp.module.register_forward_hook(
+                    lambda _m, _a, out: mlp_out.append(out[0] if isinstance(out, tuple) else out)) \
+                    if resid_d and replay_ok else None
+                try:
+                    with simulate(ctx.model, attn_plan, ctx.family), attn_stand_in(attn_plan), \
+                            record_grams({f"L{i}.down": block.mlp.down}, gram_d), \
+                            rec_d.record(block.mlp.down) if rec_d else contextlib.nullcontext():
+                        outs_b = walker.run(i, keep=tap is not None)
+                finally:
+                    if tap is not None:
+                        tap.remove()
                 h_down = gram_d[f"L{i}.down"].matrix()
-                if paired:
-                    cross_d = paired_cross(walker, i, dense_hidden, block.mlp.down, block.mlp.module, "mlp",
+                if dense is not None and replay_ok:
+                    r_hat = [o.to(walker.device) - m for o, m in zip(outs_b, mlp_out)] if resid_d else None
+                    cross_d = cross_moment(block.mlp.down, dense.x_d, rec_d.inputs, dense.r_mid if resid_d else None,
+                                           r_hat)
+                    del outs_b, r_hat
+                elif dense is not None:
+                    cross_d = paired_cross(walker, i, dense.hidden, block.mlp.down, block.mlp.module, "mlp",
                                            target_for(block.mlp.post_norm),
                                            lambda: simulate(ctx.model, attn_plan, ctx.family),
-                                           None if dense_next else dense_next)
+                                           None if dense.next else dense.next)
             else:
-                rep_d = None  # no pass B: nothing recorded
+                rec_d = None  # no pass B: nothing recorded
             keeps[i] = _merge(a_keep, choose_mlp(i, block, g, stats, h_down))
             full = layer_plan(i, keeps[i], {})
             t_layer = t_attn | layer_tensors(block, g, keeps[i], full, i, None, h_down if opts.refit else None, opts.damp,
                                              cross_down=cross_d)
             tensors.update(t_layer)
             full.tensors = t_layer
-            mlp_stand_in = rep_d.stand_in(block.mlp.module, block.mlp.down, returns_tuple=False) \
-                if rep_d is not None and not full.layers[i].mlp.drop else contextlib.nullcontext()
+            mlp_stand_in = rec_d.stand_in(block.mlp.module, block.mlp.down, returns_tuple=False) \
+                if rec_d is not None and not full.layers[i].mlp.drop else contextlib.nullcontext()
             with simulate(ctx.model, full, ctx.family), attn_stand_in(full), mlp_stand_in:
                 walker.advance_through(i)
-            if paired:
-                dense_hidden = dense_next if dense_next else [o[0] if isinstance(o, tuple) else o
-                                                              for o in walker.run(i, dense_hidden)]
-            del h_o, h_down, rep_o, rep_d
+            if dense is not None:
+                if not dense.next:  # nothing ran the dense block on the dense stream yet
+                    dense.next = walker.run(i, dense.hidden)
+                dense.advance()
+            del h_o, h_down, rec_o, rec_d
     plan = plan_from_keeps(geo, keeps, method, stats=stats, compensate=compensate)
     plan.tensors = tensors
     plan.validate()

@@ -120,3 +120,60 @@ def paired_cross(walker: BlockWalker, i: int, dense_in: list[torch.Tensor], line
 
 def no_context() -> ContextManager[object]:
     return contextlib.nullcontext()
+
+
+class DenseStream:
+    """The dense model's stream beside the layer walk, for the `dense` / `residual` targets when the walk
+    records the pruned side's inputs anyway (replay.py): per layer one pass of the dense block on the
+    dense stream records what the targets need, and the cross moments are then formed batch by batch
+    against the pruned side's recorded inputs — no pass is run twice (`paired_cross` is the fallback
+    that re-runs both sides when the recordings would not fit)."""
+
+    def __init__(self, hidden: list[torch.Tensor]):
+        self.hidden = list(hidden)  # [b, T, d] per micro-batch: the dense inputs of the next block
+        self.x_o: list[torch.Tensor] = []  # o_proj inputs, dense
+        self.x_d: list[torch.Tensor] = []  # down_proj inputs, dense
+        self.r_mid: list[torch.Tensor] = []  # residual stream entering the FFN, dense
+        self.next: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def run(self, walker: BlockWalker, i: int, o_proj: nn.Module | None, down: nn.Module | None,
+            mlp: nn.Module | None) -> None:
+        """Pass D: the dense block i on the dense stream, recording its o_proj / down_proj inputs and
+        (with `mlp`) the residual entering the FFN (block output − FFN output)."""
+        self.x_o, self.x_d, mlp_out = [], [], []
+        handles = []
+        if o_proj is not None:
+            handles.append(o_proj.register_forward_pre_hook(lambda _m, a: self.x_o.append(a[0].detach())))
+        if down is not None:
+            handles.append(down.register_forward_pre_hook(lambda _m, a: self.x_d.append(a[0].detach())))
+        if mlp is not None:
+            handles.append(mlp.register_forward_hook(
+                lambda _m, _a, out: mlp_out.append((out[0] if isinstance(out, tuple) else out).detach())))
+        try:
+            self.next = walker.run(i, self.hidden)
+        finally:
+            for h in handles:
+                h.remove()
+        self.r_mid = [o.to(walker.device) - m for o, m in zip(self.next, mlp_out)] if mlp is not None else []
+
+    def advance(self) -> None:
+        self.hidden, self.next = self.next, []
+        self.x_o, self.x_d, self.r_mid = [], [], []
+
+
+@torch.no_grad()
+def cross_moment(linear: nn.Linear, x_dense: list[torch.Tensor], x_hat: list[torch.Tensor],
+                 r_dense: list[torch.Tensor] | None = None, r_hat: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """P = E[T x̂̃ᵀ] with T = W x + b (+ r − r̂ when residuals are given), micro-batch by micro-batch."""
+    cross = CrossMoment()
+    w = linear.weight.detach().double()
+    b = None if linear.bias is None else linear.bias.detach().double()
+    for j, (x, xh) in enumerate(zip(x_dense, x_hat)):
+        t = x.to(w.device).double() @ w.T  # [b, T, out]
+        if b is not None:
+            t = t + b
+        if r_dense is not None and r_hat is not None:
+            t = t + (r_dense[j].to(w.device).double() - r_hat[j].to(w.device).double())
+        cross.update(t, xh.to(w.device))
+    return cross.matrix()
