@@ -273,3 +273,11 @@ def test_replayed_sublayers_give_the_same_plan_as_recomputing(family, method, ov
     assert fast.tensors.keys() == slow.tensors.keys()
     for k in fast.tensors:
         torch.testing.assert_close(fast.tensors[k], slow.tensors[k], rtol=1e-5, atol=1e-6)
+
+
+def test_reconstruct_target_needs_a_refit():
+    with pytest.raises(Exception, match="reconstruct_target.*add reconstruct: ls"):
+        load_recipe("flap", {"pruner.reconstruct_target": "residual"})
+    assert load_recipe("obs", {"pruner.reconstruct_target": "residual"}).options.reconstruct_target == "residual"
+    with pytest.raises(Exception, match="reconstruct_target"):
+        load_recipe("obs", {"pruner.reconstruct_target": "dens"})

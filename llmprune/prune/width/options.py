@@ -68,6 +68,9 @@ class WidthOptions(BaseModel):
     def _something_to_prune(self) -> WidthOptions:
         if not (self.attention or self.mlp):
             raise ValueError("attention and mlp are both false: nothing would be pruned; enable at least one")
+        if self.reconstruct == "none" and self.reconstruct_target != "module":
+            raise ValueError(f"reconstruct_target: {self.reconstruct_target} sets what the least-squares refit aims at, "
+                             "but reconstruct is none; add reconstruct: ls (or drop reconstruct_target)")
         if self.allocation == "search" and self.query_heads:
             raise ValueError("allocation: search varies whole KV groups; set query_heads: false")
         return self
