@@ -22,6 +22,7 @@ per-layer inputs are cached).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -39,7 +40,8 @@ from .allocate import LayerKeep, shape_of, uniform
 from .options import WidthOptions, blank_units
 from .keeps import plan_from_keeps
 from .reconstruct import Gram, layer_tensors, record_grams
-from .targets import no_context, paired_cross
+from .replay import Replay
+from .targets import DenseStream, cross_moment
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +107,7 @@ def build_ladders(ctx: PruneContext, opts: WidthOptions, selector: object, sites
                                compensate=compensate)
 
     paired = refit and opts.reconstruct_target != "module"
-    dense_hidden = list(walker.hidden) if paired else []  # the dense stream (targets.py)
+    dense = DenseStream(walker.hidden) if paired else None  # the dense stream (targets.py)
 
     def target_for(post_norm: object) -> str:
         return "dense" if opts.reconstruct_target == "residual" and post_norm is not None else opts.reconstruct_target
@@ -115,14 +117,20 @@ def build_ladders(ctx: PruneContext, opts: WidthOptions, selector: object, sites
         a_shape, width = shape_of(centre[i], g)
         use_gram = refit or selector.needs_gram
         gram = {"o": Gram(getattr(torch, opts.hessian_dtype))} if a_shape is not None and use_gram else {}
-        with record(site_modules(block, sites), stats), record_grams({"o": block.attn.o} if gram else {}, gram):
+        resid_o = paired and block.attn is not None and target_for(block.attn.post_norm) == "residual"
+        resid_d = paired and block.mlp is not None and target_for(block.mlp.post_norm) == "residual"
+        rec_o, rec_d = Replay(walker.store), Replay(walker.store)  # the pruned side's inputs, for the targets
+        if dense is not None:  # pass D: the dense block on the dense stream
+            dense.run(walker, i, block.attn.o if block.attn else None, block.mlp.down if block.mlp else None,
+                      block.mlp.module if resid_d else None)
+        with record(site_modules(block, sites), stats), record_grams({"o": block.attn.o} if gram else {}, gram), \
+                rec_o.record(block.attn.o) if paired and block.attn is not None else contextlib.nullcontext():
             walker.run(i, keep=False)
         h_o = gram["o"].matrix() if gram else None
-        dense_next: list[torch.Tensor] = []
         cross_o = cross_d = None
-        if paired and a_shape is not None:
-            cross_o = paired_cross(walker, i, dense_hidden, block.attn.o, block.attn.module, "attn",
-                                   target_for(block.attn.post_norm), no_context, dense_next)
+        if dense is not None and a_shape is not None:
+            cross_o = cross_moment(block.attn.o, dense.x_o, rec_o.inputs, dense.hidden if resid_o else None,
+                                   walker.hidden if resid_o else None)
         a_centre = LayerKeep()
         if a_shape is not None:
             lad = Ladder(i, "attn")
@@ -140,13 +148,21 @@ def build_ladders(ctx: PruneContext, opts: WidthOptions, selector: object, sites
             gram = {"d": Gram(getattr(torch, opts.hessian_dtype))}
             p = one(i, a_centre)
             p.tensors = t_attn
-            with simulate(ctx.model, p, ctx.family), record_grams({"d": block.mlp.down}, gram):
-                walker.run(i, keep=False)
+            mlp_out: list[torch.Tensor] = []
+            tap = block.mlp.module.register_forward_hook(
+                lambda _m, _a, out: mlp_out.append(out[0] if isinstance(out, tuple) else out)) if resid_d else None
+            try:
+                with simulate(ctx.model, p, ctx.family), record_grams({"d": block.mlp.down}, gram), \
+                        rec_d.record(block.mlp.down) if paired else contextlib.nullcontext():
+                    outs_b = walker.run(i, keep=resid_d)
+            finally:
+                if tap is not None:
+                    tap.remove()
             h_d = gram["d"].matrix()
-            if paired:
-                cross_d = paired_cross(walker, i, dense_hidden, block.mlp.down, block.mlp.module, "mlp",
-                                       target_for(block.mlp.post_norm),
-                                       lambda: simulate(ctx.model, p, ctx.family), None if dense_next else dense_next)
+            if dense is not None:
+                r_hat = [o.to(walker.device) - m for o, m in zip(outs_b, mlp_out)] if resid_d else None
+                cross_d = cross_moment(block.mlp.down, dense.x_d, rec_d.inputs, dense.r_mid if resid_d else None, r_hat)
+                del outs_b, r_hat
         m_centre = LayerKeep()
         if width is not None:
             lad = Ladder(i, "mlp")
@@ -162,8 +178,8 @@ def build_ladders(ctx: PruneContext, opts: WidthOptions, selector: object, sites
         full.tensors = {k: v for lad in ladders if lad.layer == i for k, v in lad.variants[lad.centre].tensors.items()}
         with simulate(ctx.model, full, ctx.family):
             walker.advance_through(i)
-        if paired:
-            dense_hidden = dense_next if dense_next else walker.run(i, dense_hidden)
+        if dense is not None:
+            dense.advance()
     return ladders
 
 
