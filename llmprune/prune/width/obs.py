@@ -80,54 +80,45 @@ def obs_remove(w: torch.Tensor, h: torch.Tensor, groups: list[list[int]], n_remo
     larger groups one at a time by the exact group error). Returns (removed group indices, updated w
     with the removed columns exactly zero).
 
-    The inverse and the weights are kept compacted to the remaining columns: each step downdates only
-    the rows and columns that stay (O(k²·|S|) for k remaining columns), so the work shrinks as
-    columns go."""
-    n = w.shape[1]
+    Each step is two in-place rank-|S| updates (BLAS gemm with β = 1: one pass over H⁻¹ and one over W);
+    the downdate leaves the removed rows and columns of H⁻¹ at zero, so they are simply never read again."""
     chol, _ = damped_cholesky(h, damp, what, scale=damp_scale(h))
-    hinv = torch.cholesky_inverse(chol)  # [k, k] over the remaining columns `cur`
-    cur = torch.arange(n, device=w.device)  # original index of each remaining column
-    where = torch.arange(n, device=w.device)  # original column -> its position in `cur` (-1: removed)
-    wk = w.clone()  # [out, k]
+    hinv = torch.cholesky_inverse(chol)  # [n, n]
+    wk = w.clone()  # [out, n]
     alive = list(range(len(groups)))
     removed: list[int] = []  # in removal order
     single = all(len(g) == 1 for g in groups)
-    first_col = torch.tensor([g[0] for g in groups], device=w.device) if single else None
+    col_of = torch.tensor([g[0] for g in groups], device=w.device) if single else None
     while len(removed) < n_remove:
         if single:
             al = torch.tensor(alive, device=w.device)
-            pos = where[first_col[al]]
-            err = wk[:, pos].pow(2).sum(0) / hinv.diagonal()[pos].clamp_min(1e-30)  # [n_alive]
+            cols = col_of[al]
+            err = wk[:, cols].pow(2).sum(0) / hinv.diagonal()[cols].clamp_min(1e-30)  # [n_alive]
             take = min(per_step, n_remove - len(removed))
             pick = al[torch.topk(-err, take).indices].tolist()
         else:
             errs = []
             for a in alive:
-                sp = where[torch.tensor(groups[a], device=w.device)]
-                inv_ss = torch.linalg.inv(hinv[sp][:, sp])
-                errs.append(float(torch.einsum("os,st,ot->", wk[:, sp], inv_ss, wk[:, sp])))
+                sg = torch.tensor(groups[a], device=w.device)
+                inv_ss = torch.linalg.inv(hinv[sg][:, sg])
+                errs.append(float(torch.einsum("os,st,ot->", wk[:, sg], inv_ss, wk[:, sg])))
             pick = [alive[min(range(len(alive)), key=errs.__getitem__)]]
-        sp = where[torch.tensor([c for a in pick for c in groups[a]], device=w.device)]  # positions of S
-        keep = torch.ones(hinv.shape[0], dtype=torch.bool, device=w.device)
-        keep[sp] = False
-        kp = keep.nonzero().flatten()
-        hss = hinv[sp][:, sp]
+        sp = torch.tensor([c for a in pick for c in groups[a]], device=w.device)  # the columns S
+        h_s = hinv[sp]  # [|S|, n]: (H⁻¹)_S,:
+        hss = h_s[:, sp]
         chol_ss, info = torch.linalg.cholesky_ex(hss)
-        h_sk = hinv[sp][:, kp]  # [|S|, k']
-        solve = torch.cholesky_solve(h_sk, chol_ss) if int(info) == 0 else torch.linalg.pinv(hss) @ h_sk
-        wk = wk[:, kp] - wk[:, sp] @ solve  # δW = −W_S [(H⁻¹)_SS]⁻¹ (H⁻¹)_S,K  on the kept columns
-        hinv = hinv[kp][:, kp] - h_sk.T @ solve  # downdate to the remaining columns
-        where[cur[sp]] = -1
-        cur = cur[kp]
-        where[cur] = torch.arange(len(cur), device=w.device)
+        solve = torch.cholesky_solve(h_s, chol_ss) if int(info) == 0 else torch.linalg.pinv(hss) @ h_s
+        wk.addmm_(wk[:, sp], solve, alpha=-1)  # δW = −W_S [(H⁻¹)_SS]⁻¹ (H⁻¹)_S,:  (zeroes W_S)
+        hinv.addmm_(h_s.T, solve, alpha=-1)  # downdate: H⁻¹ − (H⁻¹)_:,S [(H⁻¹)_SS]⁻¹ (H⁻¹)_S,:
         removed += pick
         gone = set(pick)
         alive = [a for a in alive if a not in gone]
+    dead = torch.tensor([c for a in removed for c in groups[a]], dtype=torch.long, device=w.device)
+    if dead.numel():
+        wk[:, dead] = 0.0  # exactly zero, not round-off
     if not bool(torch.isfinite(wk).all()):
         raise ReconstructionError(f"{what}: the OBS update produced non-finite weights; raise pruner.damp")
-    out = torch.zeros_like(w)
-    out[:, cur] = wk
-    return removed, out
+    return removed, wk
 
 
 class ObsSelector:
