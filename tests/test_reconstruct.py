@@ -281,3 +281,16 @@ def test_reconstruct_target_needs_a_refit():
     assert load_recipe("obs", {"pruner.reconstruct_target": "residual"}).options.reconstruct_target == "residual"
     with pytest.raises(Exception, match="reconstruct_target"):
         load_recipe("obs", {"pruner.reconstruct_target": "dens"})
+
+
+def test_residual_target_with_few_tokens_warns(caplog):
+    model = make_model("llama")
+    few = torch.randint(3, 320, (2, 8), generator=torch.Generator().manual_seed(3))  # 16 tokens
+    with caplog.at_level(logging.WARNING):
+        api.make_plan(model, load_recipe("obs", {"sparsity": 0.3, "pruner.reconstruct_target": "residual"}), few,
+                      progress=False)
+    assert "may overfit" in caplog.text and "reconstruct_target: module" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        api.make_plan(model, load_recipe("obs", {"sparsity": 0.3}), few, progress=False)
+    assert "may overfit" not in caplog.text

@@ -33,7 +33,7 @@ from ..context import PruneContext
 from .allocate import LayerKeep
 from .keeps import plan_from_keeps
 from .replay import Replay, fits
-from .targets import DenseStream, cross_moment, no_context, paired_cross
+from .targets import DenseStream, cross_moment, no_context, paired_cross, warn_if_few_tokens
 
 log = logging.getLogger(__name__)
 MAX_DAMP = 1e3  # relative to mean(diag H): beyond this the fit is no longer a reconstruction
@@ -222,6 +222,9 @@ def walk_layers(ctx: PruneContext, choose_attn: Choose, choose_mlp: Choose, site
     compensate = opts.compensate and not opts.refit
     paired = opts.refit and opts.target != "module"
     dense = DenseStream(walker.hidden) if paired else None  # the dense model's stream (targets.py)
+    if paired:
+        warn_if_few_tokens(walker.n_tokens, max(max(g.intermediate, g.n_q_heads * g.head_dim) for g in geo),
+                           opts.target)
     act_dtype = walker.hidden[0].dtype if walker.hidden else torch.float32
 
     def target_for(post_norm: object) -> str:  # a post-norm sits between the sublayer and the residual

@@ -41,7 +41,7 @@ from .options import WidthOptions, blank_units
 from .keeps import plan_from_keeps
 from .reconstruct import Gram, layer_tensors, record_grams
 from .replay import Replay
-from .targets import DenseStream, cross_moment
+from .targets import DenseStream, cross_moment, warn_if_few_tokens
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,9 @@ def build_ladders(ctx: PruneContext, opts: WidthOptions, selector: object, sites
 
     paired = refit and opts.reconstruct_target != "module"
     dense = DenseStream(walker.hidden) if paired else None  # the dense stream (targets.py)
+    if paired:
+        warn_if_few_tokens(walker.n_tokens, max(max(g.intermediate, g.n_q_heads * g.head_dim) for g in geo),
+                           opts.reconstruct_target)
 
     def target_for(post_norm: object) -> str:
         return "dense" if opts.reconstruct_target == "residual" and post_norm is not None else opts.reconstruct_target
