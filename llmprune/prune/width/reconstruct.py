@@ -33,7 +33,8 @@ from ..context import PruneContext
 from .allocate import LayerKeep
 from .keeps import plan_from_keeps
 from .replay import Replay, fits
-from .targets import DenseStream, cross_moment, no_context, paired_cross, warn_if_few_tokens
+from .targets import (DenseStream, cross_moment, no_context, paired_cross, sublayer_target,
+                      warn_if_few_tokens)
 
 log = logging.getLogger(__name__)
 MAX_DAMP = 1e3  # relative to mean(diag H): beyond this the fit is no longer a reconstruction
@@ -227,9 +228,6 @@ def walk_layers(ctx: PruneContext, choose_attn: Choose, choose_mlp: Choose, site
                            opts.target)
     act_dtype = walker.hidden[0].dtype if walker.hidden else torch.float32
 
-    def target_for(post_norm: object) -> str:  # a post-norm sits between the sublayer and the residual
-        return "dense" if opts.target == "residual" and post_norm is not None else opts.target
-
     def layer_plan(i: int, keep: LayerKeep, extra: dict[str, torch.Tensor]) -> Plan:
         only = [keep if j == i else LayerKeep() for j in range(n)]
         p = plan_from_keeps(geo, only, method, stats=stats, compensate=compensate)
@@ -239,8 +237,10 @@ def walk_layers(ctx: PruneContext, choose_attn: Choose, choose_mlp: Choose, site
     for i in tqdm(range(n), desc=desc, unit="layer", disable=not ctx.progress):
         with ctx.on_device(i):  # a streamed block is read once for all its passes
             block, g = ctx.family.block(ctx.model, i), geo[i]
-            resid_o = paired and block.attn is not None and target_for(block.attn.post_norm) == "residual"
-            resid_d = paired and block.mlp is not None and target_for(block.mlp.post_norm) == "residual"
+            resid_o = paired and block.attn is not None and \
+                sublayer_target(opts.target, block.attn.post_norm) == "residual"
+            resid_d = paired and block.mlp is not None and \
+                sublayer_target(opts.target, block.mlp.post_norm) == "residual"
             # replay.py: the pruned sublayers' outputs from their recorded last-linear inputs; with a dense /
             # residual target the dense side's inputs (and residuals) are recorded too
             width = (g.n_q_heads * g.head_dim if block.attn else 0) + (g.intermediate if block.mlp else 0)
@@ -267,7 +267,7 @@ def walk_layers(ctx: PruneContext, choose_attn: Choose, choose_mlp: Choose, site
                                            walker.hidden if resid_o else None)
                 else:
                     cross_o = paired_cross(walker, i, dense.hidden, block.attn.o, block.attn.module, "attn",
-                                           target_for(block.attn.post_norm), no_context, dense.next)
+                                           sublayer_target(opts.target, block.attn.post_norm), no_context, dense.next)
             t_attn = layer_tensors(block, g, a_keep, layer_plan(i, a_keep, {}), i, h_o if opts.refit else None, None,
                                    opts.damp, cross_o=cross_o)
             attn_plan = layer_plan(i, a_keep, t_attn)
@@ -300,7 +300,7 @@ def walk_layers(ctx: PruneContext, choose_attn: Choose, choose_mlp: Choose, site
                     del outs_b, r_hat
                 elif dense is not None:
                     cross_d = paired_cross(walker, i, dense.hidden, block.mlp.down, block.mlp.module, "mlp",
-                                           target_for(block.mlp.post_norm),
+                                           sublayer_target(opts.target, block.mlp.post_norm),
                                            lambda: simulate(ctx.model, attn_plan, ctx.family),
                                            None if dense.next else dense.next)
             else:

@@ -41,7 +41,7 @@ from .options import WidthOptions, blank_units
 from .keeps import plan_from_keeps
 from .reconstruct import Gram, layer_tensors, record_grams
 from .replay import Replay
-from .targets import DenseStream, cross_moment, warn_if_few_tokens
+from .targets import DenseStream, cross_moment, sublayer_target, warn_if_few_tokens
 
 log = logging.getLogger(__name__)
 
@@ -112,16 +112,15 @@ def build_ladders(ctx: PruneContext, opts: WidthOptions, selector: object, sites
         warn_if_few_tokens(walker.n_tokens, max(max(g.intermediate, g.n_q_heads * g.head_dim) for g in geo),
                            opts.reconstruct_target)
 
-    def target_for(post_norm: object) -> str:
-        return "dense" if opts.reconstruct_target == "residual" and post_norm is not None else opts.reconstruct_target
-
     for i in tqdm(range(n), desc="building levels", unit="layer", disable=not ctx.progress):
         block, g = ctx.family.block(ctx.model, i), geo[i]
         a_shape, width = shape_of(centre[i], g)
         use_gram = refit or selector.needs_gram
         gram = {"o": Gram(getattr(torch, opts.hessian_dtype))} if a_shape is not None and use_gram else {}
-        resid_o = paired and block.attn is not None and target_for(block.attn.post_norm) == "residual"
-        resid_d = paired and block.mlp is not None and target_for(block.mlp.post_norm) == "residual"
+        resid_o = paired and block.attn is not None and \
+            sublayer_target(opts.reconstruct_target, block.attn.post_norm) == "residual"
+        resid_d = paired and block.mlp is not None and \
+            sublayer_target(opts.reconstruct_target, block.mlp.post_norm) == "residual"
         rec_o, rec_d = Replay(walker.store), Replay(walker.store)  # the pruned side's inputs, for the targets
         if dense is not None:  # pass D: the dense block on the dense stream
             dense.run(walker, i, block.attn.o if block.attn else None, block.mlp.down if block.mlp else None,

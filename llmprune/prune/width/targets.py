@@ -32,6 +32,12 @@ log = logging.getLogger(__name__)
 TARGETS = ("module", "dense", "residual")
 
 
+def sublayer_target(target: str, post_norm: object) -> str:
+    """The target one sublayer uses: a post-norm sits between it and the residual stream, so there the
+    residual target falls back to dense."""
+    return "dense" if target == "residual" and post_norm is not None else target
+
+
 class CrossMoment:
     """Running Σ T x̂̃ᵀ ([out, in+1], float64) over tokens."""
 
