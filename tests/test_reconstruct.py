@@ -272,7 +272,7 @@ def test_replayed_sublayers_give_the_same_plan_as_recomputing(family, method, ov
     assert fast.to_dict() == slow.to_dict()
     assert fast.tensors.keys() == slow.tensors.keys()
     for k in fast.tensors:
-        torch.testing.assert_close(fast.tensors[k], slow.tensors[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fast.tensors[k], slow.tensors[k], rtol=1e-4, atol=2e-5)  # float32 products
 
 
 def test_reconstruct_target_needs_a_refit():

@@ -47,7 +47,10 @@ class ReconstructionError(RuntimeError):
 # ---- second moments --------------------------------------------------------------------------------
 @dataclass
 class Gram:
-    """Running Σ x̃ x̃ᵀ over tokens, x̃ = [x; 1]; `dtype` float64 (default) or float32 for large FFNs."""
+    """Running Σ x̃ x̃ᵀ over tokens, x̃ = [x; 1], accumulated in `dtype` (float64 default; float32 halves the
+    memory of large FFNs). Each micro-batch's product is computed in float32 (sgemm, about twice the
+    speed of float64) and added to the accumulator: a micro-batch sums at most a few thousand
+    products, far below where float32 loses anything the fit (damped by 1 % of mean(diag H)) sees."""
 
     dtype: torch.dtype = torch.float64
     sum: torch.Tensor | None = None  # [(in+1), (in+1)]
@@ -55,11 +58,16 @@ class Gram:
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(self.dtype)  # [N, in]
-        x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)  # [N, in+1]
+        x = x.detach().reshape(-1, x.shape[-1])  # [N, in]
+        x = x.float() if x.dtype != torch.float64 else x
+        n_in = x.shape[1]
         if self.sum is None:
-            self.sum = torch.zeros(x.shape[1], x.shape[1], dtype=self.dtype, device=x.device)
-        self.sum.addmm_(x.T, x)
+            self.sum = torch.zeros(n_in + 1, n_in + 1, dtype=self.dtype, device=x.device)
+        self.sum[:n_in, :n_in] += (x.T @ x).to(self.dtype)  # the constant column: Σx and the count
+        col = x.sum(0).to(self.dtype)
+        self.sum[:n_in, n_in] += col
+        self.sum[n_in, :n_in] += col
+        self.sum[n_in, n_in] += x.shape[0]
         self.count += x.shape[0]
 
     def matrix(self) -> torch.Tensor:

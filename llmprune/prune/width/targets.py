@@ -39,19 +39,19 @@ def sublayer_target(target: str, post_norm: object) -> str:
 
 
 class CrossMoment:
-    """Running Σ T x̂̃ᵀ ([out, in+1], float64) over tokens."""
+    """Running Σ T x̂̃ᵀ ([out, in+1], float64) over tokens; each micro-batch's product in float32 (Gram)."""
 
     def __init__(self) -> None:
         self.sum: torch.Tensor | None = None
         self.count = 0
 
     def update(self, target: torch.Tensor, x_hat: torch.Tensor) -> None:
-        t = target.detach().reshape(-1, target.shape[-1]).double()  # [N, out]
-        x = x_hat.detach().reshape(-1, x_hat.shape[-1]).double()  # [N, in]
-        x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)  # [N, in+1]
+        t = target.detach().reshape(-1, target.shape[-1]).float()  # [N, out]
+        x = x_hat.detach().reshape(-1, x_hat.shape[-1]).float()  # [N, in]
         if self.sum is None:
-            self.sum = torch.zeros(t.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-        self.sum.addmm_(t.T, x)
+            self.sum = torch.zeros(t.shape[1], x.shape[1] + 1, dtype=torch.float64, device=x.device)
+        self.sum[:, :-1] += (t.T @ x).double()
+        self.sum[:, -1] += t.sum(0).double()  # the constant input 1
         self.count += x.shape[0]
 
     def matrix(self) -> torch.Tensor:
@@ -175,14 +175,14 @@ def cross_moment(linear: nn.Linear, x_dense: list[torch.Tensor], x_hat: list[tor
                  r_dense: list[torch.Tensor] | None = None, r_hat: list[torch.Tensor] | None = None) -> torch.Tensor:
     """P = E[T x̂̃ᵀ] with T = W x + b (+ r − r̂ when residuals are given), micro-batch by micro-batch."""
     cross = CrossMoment()
-    w = linear.weight.detach().double()
-    b = None if linear.bias is None else linear.bias.detach().double()
+    w = linear.weight.detach().float()
+    b = None if linear.bias is None else linear.bias.detach().float()
     for j, (x, xh) in enumerate(zip(x_dense, x_hat)):
-        t = x.to(w.device).double() @ w.T  # [b, T, out]
+        t = x.to(w.device).float() @ w.T  # [b, T, out]
         if b is not None:
             t = t + b
         if r_dense is not None and r_hat is not None:
-            t = t + (r_dense[j].to(w.device).double() - r_hat[j].to(w.device).double())
+            t = t + (r_dense[j].to(w.device).float() - r_hat[j].to(w.device).float())
         cross.update(t, xh.to(w.device))
     return cross.matrix()
 
