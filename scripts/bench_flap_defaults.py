@@ -9,7 +9,9 @@ each KV head for every query head that reads it (`--mha-dir`, built on first use
 function, so any difference between the two columns comes from how the pruner sees the heads.
 Variants (recipe `flap`, overrides):
     default            the recipe as shipped
-    square             + square_attention: true  (the released code's extra squaring of attention scores)
+    square             + square_attention: true  (the released code's extra squaring of attention scores;
+                       the default since 2026-12-03)
+    nosquare           + square_attention: false (the default before)
     faithful           faithful: true            (squaring + released budget arithmetic)
     faithful-nosquare  faithful: true, square_attention: false
 Calibration: python-docs train split; evaluation: its test split (disjoint). Each run is a fresh
@@ -28,6 +30,7 @@ import bench_width  # noqa: E402  (sibling script: its worker runs one measureme
 VARIANTS = {
     "default": {},
     "square": {"pruner.square_attention": True},
+    "nosquare": {"pruner.square_attention": False},
     "faithful": {"pruner.faithful": True},
     "faithful-nosquare": {"pruner.faithful": True, "pruner.square_attention": False},
 }
