@@ -33,7 +33,7 @@ from ..context import PruneContext
 from .allocate import LayerKeep
 from .keeps import plan_from_keeps
 from .replay import Replay, fits
-from .targets import (DenseStream, cross_moment, no_context, paired_cross, sublayer_target,
+from .targets import (DenseStream, SublayerOutputs, cross_moment, paired_cross, sublayer_target,
                       warn_if_few_tokens)
 
 log = logging.getLogger(__name__)
@@ -275,7 +275,8 @@ def walk_layers(ctx: PruneContext, choose_attn: Choose, choose_mlp: Choose, site
                                            walker.hidden if resid_o else None)
                 else:
                     cross_o = paired_cross(walker, i, dense.hidden, block.attn.o, block.attn.module, "attn",
-                                           sublayer_target(opts.target, block.attn.post_norm), no_context, dense.next)
+                                           sublayer_target(opts.target, block.attn.post_norm), contextlib.nullcontext,
+                                           dense.next)
             t_attn = layer_tensors(block, g, a_keep, layer_plan(i, a_keep, {}), i, h_o if opts.refit else None, None,
                                    opts.damp, cross_o=cross_o)
             attn_plan = layer_plan(i, a_keep, t_attn)
@@ -288,21 +289,16 @@ def walk_layers(ctx: PruneContext, choose_attn: Choose, choose_mlp: Choose, site
             h_down = None
             if block.mlp is not None and (opts.refit or opts.mlp_needs_gram):
                 gram_d = {f"L{i}.down": Gram(opts.hessian_dtype)}
-                mlp_out: list[torch.Tensor] = []
-                tap = block.mlp.module.register_forward_hook(
-                    lambda _m, _a, out: mlp_out.append(out[0] if isinstance(out, tuple) else out)) \
-                    if resid_d and replay_ok else None
-                try:
-                    with simulate(ctx.model, attn_plan, ctx.family), attn_stand_in(attn_plan), \
-                            record_grams({f"L{i}.down": block.mlp.down}, gram_d), \
-                            rec_d.record(block.mlp.down) if rec_d else contextlib.nullcontext():
-                        outs_b = walker.run(i, keep=tap is not None)
-                finally:
-                    if tap is not None:
-                        tap.remove()
+                mlp_out = SublayerOutputs()  # the pruned side's residual entering the FFN (residual target)
+                want_r = resid_d and replay_ok
+                with simulate(ctx.model, attn_plan, ctx.family), attn_stand_in(attn_plan), \
+                        record_grams({f"L{i}.down": block.mlp.down}, gram_d), \
+                        rec_d.record(block.mlp.down) if rec_d else contextlib.nullcontext(), \
+                        mlp_out.record(block.mlp.module if want_r else None):
+                    outs_b = walker.run(i, keep=want_r)
                 h_down = gram_d[f"L{i}.down"].matrix()
                 if dense is not None and replay_ok:
-                    r_hat = [o.to(walker.device) - m for o, m in zip(outs_b, mlp_out)] if resid_d else None
+                    r_hat = mlp_out.residual_in(outs_b) if resid_d else None
                     cross_d = cross_moment(block.mlp.down, dense.x_d, rec_d.inputs, dense.r_mid if resid_d else None,
                                            r_hat)
                     del outs_b, r_hat

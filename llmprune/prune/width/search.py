@@ -41,7 +41,7 @@ from .options import WidthOptions, blank_units
 from .keeps import plan_from_keeps
 from .reconstruct import Gram, layer_tensors, record_grams
 from .replay import Replay
-from .targets import DenseStream, cross_moment, sublayer_target, warn_if_few_tokens
+from .targets import DenseStream, SublayerOutputs, cross_moment, sublayer_target, warn_if_few_tokens
 
 log = logging.getLogger(__name__)
 
@@ -150,19 +150,14 @@ def build_ladders(ctx: PruneContext, opts: WidthOptions, selector: object, sites
             gram = {"d": Gram(getattr(torch, opts.hessian_dtype))}
             p = one(i, a_centre)
             p.tensors = t_attn
-            mlp_out: list[torch.Tensor] = []
-            tap = block.mlp.module.register_forward_hook(
-                lambda _m, _a, out: mlp_out.append(out[0] if isinstance(out, tuple) else out)) if resid_d else None
-            try:
-                with simulate(ctx.model, p, ctx.family), record_grams({"d": block.mlp.down}, gram), \
-                        rec_d.record(block.mlp.down) if paired else contextlib.nullcontext():
-                    outs_b = walker.run(i, keep=resid_d)
-            finally:
-                if tap is not None:
-                    tap.remove()
+            mlp_out = SublayerOutputs()  # the pruned side's residual entering the FFN (residual target)
+            with simulate(ctx.model, p, ctx.family), record_grams({"d": block.mlp.down}, gram), \
+                    rec_d.record(block.mlp.down) if paired else contextlib.nullcontext(), \
+                    mlp_out.record(block.mlp.module if resid_d else None):
+                outs_b = walker.run(i, keep=resid_d)
             h_d = gram["d"].matrix()
             if dense is not None:
-                r_hat = [o.to(walker.device) - m for o, m in zip(outs_b, mlp_out)] if resid_d else None
+                r_hat = mlp_out.residual_in(outs_b) if resid_d else None
                 cross_d = cross_moment(block.mlp.down, dense.x_d, rec_d.inputs, dense.r_mid if resid_d else None, r_hat)
                 del outs_b, r_hat
         m_centre = LayerKeep()

@@ -20,22 +20,56 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import ContextManager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...calibrate import BlockWalker
 
 log = logging.getLogger(__name__)
-TARGETS = ("module", "dense", "residual")
 
 
 def sublayer_target(target: str, post_norm: object) -> str:
     """The target one sublayer uses: a post-norm sits between it and the residual stream, so there the
     residual target falls back to dense."""
     return "dense" if target == "residual" and post_norm is not None else target
+
+
+def module_target(linear: nn.Linear, x: torch.Tensor, r: torch.Tensor | None = None,
+                  r_hat: torch.Tensor | None = None) -> torch.Tensor:
+    """T = W x + b, plus the residual drift r − r̂ when given ([b, T, out], float32 like the products)."""
+    t = F.linear(x.to(linear.weight.device).float(), linear.weight.detach().float(),
+                 None if linear.bias is None else linear.bias.detach().float())
+    if r is not None and r_hat is not None:
+        t = t + (r.to(t.device).float() - r_hat.to(t.device).float())
+    return t
+
+
+class SublayerOutputs:
+    """A sublayer's output per micro-batch while `record` is active. `residual_in(block_outputs)` is the
+    residual stream that entered it: block output − sublayer output (the sublayer is added last, so
+    only for layouts without a post-norm — where the residual target applies)."""
+
+    def __init__(self) -> None:
+        self.outputs: list[torch.Tensor] = []
+
+    @contextlib.contextmanager
+    def record(self, module: nn.Module | None) -> Iterator[None]:
+        """Records nothing when `module` is None."""
+        self.outputs.clear()
+        handle = None if module is None else module.register_forward_hook(
+            lambda _m, _a, out: self.outputs.append((out[0] if isinstance(out, tuple) else out).detach()))
+        try:
+            yield
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    def residual_in(self, block_outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [o.to(m.device) - m for o, m in zip(block_outputs, self.outputs)]
 
 
 class CrossMoment:
@@ -96,8 +130,6 @@ def paired_cross(walker: BlockWalker, i: int, dense_in: list[torch.Tensor], line
     """
     layer = walker.layers[i]
     cross = CrossMoment()
-    w = linear.weight.detach().double()
-    b = None if linear.bias is None else linear.bias.detach().double()
     want_resid = target == "residual"
     for j, (h_dense, (args, kwargs)) in enumerate(zip(dense_in, walker.layer_args[i])):
         tap = _Tap(linear, sublayer if want_resid and kind == "mlp" else None)
@@ -111,23 +143,13 @@ def paired_cross(walker: BlockWalker, i: int, dense_in: list[torch.Tensor], line
             x_hat, sub_p = tap.x, tap.sub_out
         finally:
             tap.remove()
-        t = x.double() @ w.T  # [b, T, out]: the dense module on dense inputs
-        if b is not None:
-            t = t + b
+        r = r_hat = None
         if want_resid:
-            if kind == "attn":
-                r, r_hat = h_dense.to(walker.device), walker.hidden[j].to(walker.device)
-            else:
-                r, r_hat = out_d - sub_d, out_p - sub_p
-            t = t + (r.double() - r_hat.double())
-        cross.update(t, x_hat)
+            r, r_hat = (h_dense, walker.hidden[j]) if kind == "attn" else (out_d - sub_d, out_p - sub_p)
+        cross.update(module_target(linear, x, r, r_hat), x_hat)  # the dense module on dense inputs (+ drift)
         if dense_out is not None:
             dense_out.append(out_d.to(walker.store))
     return cross.matrix()
-
-
-def no_context() -> ContextManager[object]:
-    return contextlib.nullcontext()
 
 
 class DenseStream:
@@ -149,21 +171,20 @@ class DenseStream:
             mlp: nn.Module | None) -> None:
         """Pass D: the dense block i on the dense stream, recording its o_proj / down_proj inputs and
         (with `mlp`) the residual entering the FFN (block output − FFN output)."""
-        self.x_o, self.x_d, mlp_out = [], [], []
+        self.x_o, self.x_d = [], []
+        mlp_out = SublayerOutputs()
         handles = []
         if o_proj is not None:
             handles.append(o_proj.register_forward_pre_hook(lambda _m, a: self.x_o.append(a[0].detach())))
         if down is not None:
             handles.append(down.register_forward_pre_hook(lambda _m, a: self.x_d.append(a[0].detach())))
-        if mlp is not None:
-            handles.append(mlp.register_forward_hook(
-                lambda _m, _a, out: mlp_out.append((out[0] if isinstance(out, tuple) else out).detach())))
         try:
-            self.next = walker.run(i, self.hidden)
+            with mlp_out.record(mlp):
+                self.next = walker.run(i, self.hidden)
         finally:
             for h in handles:
                 h.remove()
-        self.r_mid = [o.to(walker.device) - m for o, m in zip(self.next, mlp_out)] if mlp is not None else []
+        self.r_mid = mlp_out.residual_in(self.next) if mlp is not None else []
 
     def advance(self) -> None:
         self.hidden, self.next = self.next, []
@@ -175,15 +196,10 @@ def cross_moment(linear: nn.Linear, x_dense: list[torch.Tensor], x_hat: list[tor
                  r_dense: list[torch.Tensor] | None = None, r_hat: list[torch.Tensor] | None = None) -> torch.Tensor:
     """P = E[T x̂̃ᵀ] with T = W x + b (+ r − r̂ when residuals are given), micro-batch by micro-batch."""
     cross = CrossMoment()
-    w = linear.weight.detach().float()
-    b = None if linear.bias is None else linear.bias.detach().float()
+    resid = r_dense is not None and r_hat is not None
     for j, (x, xh) in enumerate(zip(x_dense, x_hat)):
-        t = x.to(w.device).float() @ w.T  # [b, T, out]
-        if b is not None:
-            t = t + b
-        if r_dense is not None and r_hat is not None:
-            t = t + (r_dense[j].to(w.device).float() - r_hat[j].to(w.device).float())
-        cross.update(t, xh.to(w.device))
+        t = module_target(linear, x, r_dense[j] if resid else None, r_hat[j] if resid else None)
+        cross.update(t, xh.to(t.device))
     return cross.matrix()
 
 
