@@ -27,6 +27,7 @@ Modes (all pick candidates the same way; only the cost differs):
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -62,33 +63,30 @@ def plan_finercut(ctx: PruneContext, cfg: FinerCutConfig) -> Plan:
     t0 = time.perf_counter()
     model_was_training = ctx.model.training
     ctx.model.eval()
+    residency = Residency.none()
     try:
-        search: Searcher
-        if cfg.mode == "reference":
-            search = ReferenceSearch(ctx, cfg.distance)
-        else:
-            topk = cfg.fast.topk_vocab if cfg.mode == "fast" else 0
-            if topk and cfg.distance == "perplexity":
-                log.warning("fast.topk_vocab is ignored for the perplexity distance (it needs the full vocabulary)")
-            if visiting:
-                log.info(cost_model(ctx, tokens, len(candidates), cfg))
-            residency = Residency(ctx.family.layers(ctx.model), _device(ctx), ctx.loader) if visiting \
-                else Residency.none()
-            rest_mods = [ctx.family.final_norm(ctx.model), ctx.family.lm_head(ctx.model)]
-            with resident_rest(ctx.model, rest_mods, _device(ctx), ctx.loader, ctx.offload) as rest:
+        with contextlib.ExitStack() as held:  # what the search keeps on the device, released afterwards
+            search: Searcher
+            if cfg.mode == "reference":
+                search = ReferenceSearch(ctx, cfg.distance)
+            else:
+                topk = cfg.fast.topk_vocab if cfg.mode == "fast" else 0
+                if topk and cfg.distance == "perplexity":
+                    log.warning("fast.topk_vocab is ignored for the perplexity distance (it needs the full vocabulary)")
+                if visiting:
+                    log.info(cost_model(ctx, tokens, len(candidates), cfg))
+                    residency = Residency(ctx.family.layers(ctx.model), _device(ctx), ctx.loader)
+                    held.callback(residency.release)
+                norm, head = held.enter_context(resident_rest(
+                    ctx.model, [ctx.family.final_norm(ctx.model), ctx.family.lm_head(ctx.model)],
+                    _device(ctx), ctx.loader, ctx.offload))
                 stream = ResidualStream(ctx.model, ctx.family, tokens, cfg.distance, batch_size=ctx.batch_size,
                                         device=ctx.device, topk_vocab=topk, bound_topk=cfg.bound_topk,
-                                        progress=ctx.progress, residency=residency, rest=(rest[0], rest[1]))
+                                        progress=ctx.progress, residency=residency, rest=(norm, head))
                 search = FastSearch(stream, cfg.candidate_batch, cfg.fast) if cfg.mode == "fast" else \
                     ExactSearch(stream, cfg.candidate_batch)
-                try:
-                    order = _greedy(search, cfg, candidates, target, excluded, readmit_after, ctx.progress)
-                    final = search.final_distance(order, exact_vocab=cfg.mode == "fast")
-                finally:
-                    residency.release()
-        if cfg.mode == "reference":
             order = _greedy(search, cfg, candidates, target, excluded, readmit_after, ctx.progress)
-            final = search.final_distance(order, exact_vocab=False)
+            final = search.final_distance(order, exact_vocab=cfg.mode == "fast")
     finally:
         ctx.model.train(model_was_training)
     plan = sublayer_plan(geometry, removed_set([c for c, _ in order]))
