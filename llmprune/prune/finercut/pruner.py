@@ -41,7 +41,8 @@ from .candidates import Candidate, Target, build_candidates, front_exclusion, re
 from .config import FinerCutConfig
 from .divergence import finalize
 from .reference import ReferenceSearch
-from .residency import Residency, module_bytes, resident_rest
+from ...evaluate.bench import weight_bytes
+from .residency import Residency, resident_rest
 from .residual_stream import ResidualStream
 from .search import ExactSearch, FastSearch, Searcher
 from ...errors import UsageError
@@ -112,7 +113,7 @@ def _device(ctx: PruneContext) -> torch.device:
 
 def cost_model(ctx: PruneContext, tokens: torch.Tensor, n_candidates: int, cfg: FinerCutConfig) -> str:
     """What visiting blocks costs, said before the search starts (docs/finercut.md, "Models larger than memory")."""
-    block = sum(module_bytes(m) for m in ctx.family.layers(ctx.model))
+    block = sum(weight_bytes(m) for m in ctx.family.layers(ctx.model))
     chunks = math.ceil(tokens.shape[0] / max(1, ctx.batch_size))
     passes = math.ceil(n_candidates * chunks / max(1, cfg.candidate_batch)) + chunks
     how = "read from the checkpoint's shards" if ctx.loader is not None else "copied from host memory"

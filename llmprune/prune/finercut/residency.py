@@ -14,25 +14,18 @@ the cost report in pruning.json. An in-memory model on its device needs none of 
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import ContextManager
 
 import torch
 from torch import nn
 
 from ...calibrate.walker import BlockLoader
-
-log = logging.getLogger(__name__)
-
-
-def module_bytes(module: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
+from ...evaluate.bench import weight_bytes
 
 
 class Residency:
-    """`with residency(i):` block i's weights are on the compute device (see the module docstring)."""
+    """After `residency(i)` block i's weights are on the compute device until evicted (module docstring)."""
 
     def __init__(self, layers: nn.ModuleList | None, device: torch.device, loader: BlockLoader | None = None,
                  keep: int = 1):
@@ -40,7 +33,7 @@ class Residency:
         self.resident: OrderedDict[int, contextlib.ExitStack | None] = OrderedDict()
         self.bytes_moved = 0
         self.transfers = 0
-        self.block_bytes = [module_bytes(m) for m in layers] if layers is not None else []
+        self.block_bytes = [weight_bytes(m) for m in layers] if layers is not None else []
 
     @classmethod
     def none(cls) -> Residency:
@@ -50,12 +43,12 @@ class Residency:
     def active(self) -> bool:
         return self.layers is not None
 
-    def __call__(self, index: int) -> ContextManager[None]:
+    def __call__(self, index: int) -> None:
         if not self.active:
-            return contextlib.nullcontext()
+            return
         if index in self.resident:
             self.resident.move_to_end(index)
-            return contextlib.nullcontext()
+            return
         while len(self.resident) >= self.keep:
             self._evict(next(iter(self.resident)))
         if self.loader is not None:
@@ -67,7 +60,6 @@ class Residency:
             self.resident[index] = None
         self.bytes_moved += self.block_bytes[index]
         self.transfers += 1
-        return contextlib.nullcontext()
 
     def _evict(self, index: int) -> None:
         stack = self.resident.pop(index)
@@ -106,4 +98,4 @@ def resident_rest(model: nn.Module, modules: list[nn.Module], device: torch.devi
         yield modules
 
 
-__all__ = ["Residency", "module_bytes", "resident_rest"]
+__all__ = ["Residency", "resident_rest"]
