@@ -52,6 +52,27 @@ def test_walker_reproduces_full_forward(tiny_model, tokens):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_walker_stops_after_the_named_submodule(tiny_model, tokens):
+    """run(stop_after=attention): every micro-batch runs the attention and none reaches the FFN; the hook is
+    removed afterwards; asking for outputs of a stopped pass is refused."""
+    fam = family_for(tiny_model.config)
+    walker = BlockWalker(tiny_model, fam, tokens, batch_size=3)  # 2 micro-batches
+    block = fam.block(tiny_model, 0)
+    seen = {"attn": 0, "mlp": 0}
+    h1 = block.attn.module.register_forward_hook(lambda *_: seen.__setitem__("attn", seen["attn"] + 1))
+    h2 = block.mlp.module.register_forward_hook(lambda *_: seen.__setitem__("mlp", seen["mlp"] + 1))
+    try:
+        assert walker.run(0, keep=False, stop_after=block.attn.module) == []
+        assert seen == {"attn": 2, "mlp": 0}
+        walker.run(0, keep=False)  # the stop hook is gone
+        assert seen == {"attn": 4, "mlp": 2}
+        with pytest.raises(ValueError, match="keep=False"):
+            walker.run(0, stop_after=block.attn.module)
+    finally:
+        h1.remove()
+        h2.remove()
+
+
 def test_walker_captures_per_layer_masks_for_sliding_layers(tokens):
     model = make_model("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1)
     assert model.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]

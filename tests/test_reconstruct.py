@@ -275,6 +275,28 @@ def test_replayed_sublayers_give_the_same_plan_as_recomputing(family, method, ov
         torch.testing.assert_close(fast.tensors[k], slow.tensors[k], rtol=1e-4, atol=2e-5)  # float32 products
 
 
+@pytest.mark.parametrize("method,overrides,ffn_passes", [
+    ("obs", {"pruner.allocation": "uniform", "pruner.reconstruct_target": "module"}, 2),  # B and C; A stops early
+    ("flap", {"pruner.reconstruct": "ls"}, 2),  # the refit walk records no statistics
+    ("flap", {"pruner.sequential": True, "pruner.reconstruct": "ls"}, 3)])  # A's FFN statistics are FLAP's score
+def test_statistics_pass_skips_the_ffn_when_it_records_nothing_there(method, overrides, ffn_passes):
+    """Pass A of the layer walk stops after the attention unless a statistic past it is wanted."""
+    model = make_model("llama")
+    fam = family_for(model.config)
+    calib = torch.randint(3, 320, (8, 16), generator=torch.Generator().manual_seed(2))
+    recipe = load_recipe(method, {"sparsity": 0.4, "calibration.batch_size": 4, **overrides})
+    counts = [0] * len(fam.layers(model))
+    handles = [fam.block(model, i).mlp.module.register_forward_hook(
+        lambda *_, i=i: counts.__setitem__(i, counts[i] + 1)) for i in range(len(counts))]
+    try:
+        api.make_plan(model, recipe, calib, progress=False)
+    finally:
+        for h in handles:
+            h.remove()
+    dense = 1 if recipe.options.allocation != "uniform" else 0  # the allocation's dense pass
+    assert counts == [2 * (ffn_passes + dense)] * len(counts)  # 2 micro-batches per pass
+
+
 def test_reconstruct_target_needs_a_refit():
     with pytest.raises(Exception, match="reconstruct_target.*add reconstruct: ls"):
         load_recipe("flap", {"pruner.reconstruct_target": "residual"})

@@ -42,6 +42,14 @@ class _StopForward(Exception):
     """Raised by the last recorder: nothing after the decoder stack is needed."""
 
 
+class _StopBlock(Exception):
+    """Raised after the module `run(stop_after=...)` names: the rest of the block is not needed."""
+
+
+def _raise_stop(_module: nn.Module, _args: Any, _out: Any) -> None:
+    raise _StopBlock
+
+
 class _Recorder(nn.Module):
     def __init__(self, index: int, last: bool, sink: Callable[[int, torch.Tensor, tuple, dict], None]):
         super().__init__()
@@ -115,12 +123,16 @@ class BlockWalker:
     # ---- running blocks ---------------------------------------------------------------------------
     @torch.no_grad()
     def run(self, i: int, hidden: list[torch.Tensor] | None = None, layer: nn.Module | None = None,
-            keep: bool = True, in_place: bool = False) -> list[torch.Tensor]:
+            keep: bool = True, in_place: bool = False, stop_after: nn.Module | None = None) -> list[torch.Tensor]:
         """Run block `i` (or a stand-in `layer`) on `hidden` (default: the current inputs); return its outputs.
 
         keep=False: outputs are dropped (a statistics-only pass). in_place=True: each micro-batch's output
         replaces its input at once, so a pass holds one copy of the activations, not two (`advance_through`).
+        stop_after: a submodule of the block (e.g. its attention) after whose forward each micro-batch stops —
+        a statistics pass whose hooks all sit in or before it skips the rest of the block (needs keep=False).
         """
+        if stop_after is not None and (keep or in_place):
+            raise ValueError("stop_after leaves no block output: use it with keep=False")
         layer = self.layers[i] if layer is None else layer
         hidden = self.hidden if hidden is None else hidden
         home = None
@@ -128,10 +140,14 @@ class BlockWalker:
             home = next(layer.parameters()).device
             layer.to(self.device)
         outs = []
+        stop = stop_after.register_forward_hook(_raise_stop) if stop_after is not None else None
         try:
             with on_device(self.loader, i) if layer is self.layers[i] else contextlib.nullcontext():
                 for j, (h, (args, kwargs)) in enumerate(zip(hidden, self.layer_args[i])):
-                    out = layer(h.to(self.device), *args, **kwargs)
+                    try:
+                        out = layer(h.to(self.device), *args, **kwargs)
+                    except _StopBlock:
+                        continue
                     out = out[0] if isinstance(out, tuple) else out
                     if in_place:
                         del h
@@ -139,6 +155,8 @@ class BlockWalker:
                     elif keep:
                         outs.append(out.to(self.store))
         finally:
+            if stop is not None:
+                stop.remove()
             if home is not None:
                 layer.to(home)
         return outs
