@@ -112,6 +112,35 @@ def test_obs_update_beats_the_same_selection_without_update(tokens):
     torch.testing.assert_close(updated[:, kept], rw, rtol=1e-5, atol=1e-7)
 
 
+def test_obs_toward_a_target_removes_what_the_refit_objective_misses_least():
+    """obs_remove(cross=P): one greedy step removes the column whose loss is smallest for the refit's own
+    objective E‖T − W'x̃‖² + λ‖W' − W‖² with that column at 0 (brute force over every column); with
+    P = W H (the module target) it is the plain OBS."""
+    gen = torch.Generator().manual_seed(1)
+    n, d_out, n_tok = 12, 5, 600
+    x = torch.randn(n_tok, n, generator=gen, dtype=torch.float64) @ torch.randn(n, n, generator=gen, dtype=torch.float64)
+    xt = torch.cat([x, torch.ones(n_tok, 1, dtype=torch.float64)], 1)  # x̃ = [x; 1]
+    w = torch.cat([torch.randn(d_out, n, generator=gen, dtype=torch.float64), torch.zeros(d_out, 1, dtype=torch.float64)], 1)
+    t = xt @ w.T + x @ torch.randn(n, d_out, generator=gen, dtype=torch.float64)  # a target W x̃ misses
+    h, p = xt.T @ xt / n_tok, t.T @ xt / n_tok
+    lam = 0.01 * float(h.diagonal()[:-1].mean())
+
+    def objective(j: int) -> float:
+        k = [c for c in range(n + 1) if c != j]
+        wk = (p[:, k] + lam * w[:, k]) @ torch.linalg.inv(h[k][:, k] + lam * torch.eye(n, dtype=torch.float64))
+        # the removed column's weights become 0: its ‖0 − W_j‖² is part of the objective
+        return float(((t - xt[:, k] @ wk.T) ** 2).sum(1).mean() + lam * (((wk - w[:, k]) ** 2).sum() + (w[:, j] ** 2).sum()))
+
+    losses = [objective(j) for j in range(n)]
+    groups = [[j] for j in range(n)]
+    gone, _ = obs_remove(w, h, groups, 1, damp=0.01, cross=p)
+    assert gone == [min(range(n), key=losses.__getitem__)]
+    assert obs_remove(w, h, groups, 1, damp=0.01)[0] != gone  # the dense weights' choice misses it here
+    plain, _ = obs_remove(w, h, groups, 4, damp=0.01)
+    same, _ = obs_remove(w, h, groups, 4, damp=0.01, cross=w @ h)
+    assert same == plain
+
+
 def test_gqa_kv_group_is_its_query_heads_o_proj_columns(tokens):
     """4 q / 2 KV heads: KV group 1 owns query heads 2, 3, i.e. o_proj columns 2·hd .. 4·hd."""
     model = make_model("llama")
@@ -295,6 +324,28 @@ def test_statistics_pass_skips_the_ffn_when_it_records_nothing_there(method, ove
             h.remove()
     dense = 1 if recipe.options.allocation != "uniform" else 0  # the allocation's dense pass
     assert counts == [2 * (ffn_passes + dense)] * len(counts)  # 2 micro-batches per pass
+
+
+def test_allocation_statistics_read_only_the_first_sequences_when_asked():
+    """allocation_nsamples: the sizes' dense pass reads that many sequences; refused where it also selects."""
+    model = make_model("llama")
+    fam = family_for(model.config)
+    calib = torch.randint(3, 320, (8, 16), generator=torch.Generator().manual_seed(2))
+    counts = []
+    hook = fam.block(model, 0).mlp.module.register_forward_hook(lambda _m, args, _o: counts.append(args[0].shape[0]))
+    try:
+        for n in (None, 4):
+            counts.clear()
+            recipe = load_recipe("obs", {"sparsity": 0.4, "calibration.batch_size": 4, "pruner.allocation_nsamples": n,
+                                         "pruner.reconstruct_target": "module"})
+            api.make_plan(model, recipe, calib, progress=False)
+            # the dense pass, then the walk's passes B and C on all 8 sequences
+            assert counts == ([4, 4] if n is None else [4]) + [4, 4] * 2
+    finally:
+        hook.remove()
+    with pytest.raises(Exception, match="allocation_nsamples applies only"):
+        load_recipe("flap", {"pruner.allocation_nsamples": 16})
+    assert load_recipe("flap", {"pruner.allocation_nsamples": 16, "pruner.sequential": True})
 
 
 def test_reconstruct_target_needs_a_refit():

@@ -107,16 +107,18 @@ def _units(ctx: PruneContext, opts: WidthOptions, score: ScoreFn, stats: Stats |
 
 
 @torch.no_grad()
-def _dense_units(ctx: PruneContext, opts: WidthOptions, score: ScoreFn, sites: set[str]) \
-        -> tuple[Stats | None, list[LayerUnits]]:
+def _dense_units(ctx: PruneContext, opts: WidthOptions, score: ScoreFn, sites: set[str],
+                 nsamples: int | None = None) -> tuple[Stats | None, list[LayerUnits]]:
     """Dense statistics at `sites` and every layer's unit scores, in one block-by-block pass: layer i is
     scored as soon as its statistics are complete, while its weights are still on the device (a
-    streamed model is read from disk once for both)."""
+    streamed model is read from disk once for both). `nsamples`: only the first calibration sequences
+    (an allocation that sets sizes alone)."""
     n = len(ctx.geometry)
     if not sites:
         return None, [_units(ctx, opts, score, None, i) for i in range(n)]
-    walker = BlockWalker(ctx.model, ctx.family, ctx.require_tokens(), batch_size=ctx.batch_size, device=ctx.device,
-                         offload=ctx.offload, loader=ctx.loader)
+    tokens = ctx.require_tokens()
+    walker = BlockWalker(ctx.model, ctx.family, tokens[:nsamples] if nsamples else tokens, batch_size=ctx.batch_size,
+                         device=ctx.device, offload=ctx.offload, loader=ctx.loader)
     stats = Stats(n_tokens=walker.n_tokens)
     units = []
     for i in tqdm(range(n), desc="calibrating", unit="layer", disable=not ctx.progress):
@@ -136,11 +138,11 @@ class ScoreSelector:
         self.ctx, self.opts, self.score = ctx, opts, score
 
     def attn(self, i: int, block: BlockView, g: Geometry, stats: Stats | None, h: torch.Tensor | None,
-             shape: tuple[int, int] | None) -> LayerKeep:
+             shape: tuple[int, int] | None, cross: torch.Tensor | None = None) -> LayerKeep:
         return keep_shape(_units(self.ctx, self.opts, self.score, stats, i), shape, None)
 
     def mlp(self, i: int, block: BlockView, g: Geometry, stats: Stats | None, h: torch.Tensor | None,
-            width: int | None) -> LayerKeep:
+            width: int | None, cross: torch.Tensor | None = None) -> LayerKeep:
         return keep_shape(_units(self.ctx, self.opts, self.score, stats, i), None, width)
 
 
@@ -159,7 +161,7 @@ def plan_width(ctx: PruneContext, opts: WidthOptions, score: ScoreFn, score_site
         centre = None
         if opts.search.start != "uniform":  # the centre from another allocation's dense pass
             start = opts.model_copy(update={"allocation": opts.search.start})
-            dense, units = _dense_units(ctx, start, score, own | signal_sites(start))
+            dense, units = _dense_units(ctx, start, score, own | signal_sites(start), _subset(opts))
             centre = allocate(ctx, units, start, dense)
         return plan_search(ctx, opts, selector, own, method, centre)
     sites = own | signal_sites(opts)
@@ -175,20 +177,30 @@ def plan_width(ctx: PruneContext, opts: WidthOptions, score: ScoreFn, score_site
     if allocator is None and opts.allocation == "uniform":  # sizes follow from the geometry alone
         sizes = run_allocation(blank_units(ctx, opts), None)
     else:  # sizes from a dense pass, as the non-sequential pruner would choose them
-        dense, units = _dense_units(ctx, opts, score, sites)
+        dense, units = _dense_units(ctx, opts, score, sites, _subset(opts))
         sizes = run_allocation(units, dense)
     return _sequential(ctx, opts, selector, own, sizes, method)
+
+
+def _subset(opts: WidthOptions) -> int | None:
+    """Calibration sequences for a dense pass that sets sizes alone (`allocation_nsamples`; None = all)."""
+    n = getattr(opts, "allocation_nsamples", None)
+    if n is not None:
+        log.info("allocation statistics from the first %d calibration sequences (allocation_nsamples)", n)
+    return n
 
 
 def _sequential(ctx: PruneContext, opts: WidthOptions, selector: ScoreSelector, sites: set[str],
                 sizes: list[LayerKeep], method: str) -> Plan:
     """Choose each layer's units on inputs propagated through the already-pruned (and, with
     `reconstruct: ls`, refit) layers, at the size the allocation gave it (reconstruct.walk_layers)."""
-    def attn(i: int, block: BlockView, g: Geometry, stats: Stats, h: torch.Tensor | None) -> LayerKeep:
-        return selector.attn(i, block, g, stats, h, shape_of(sizes[i], g)[0])
+    def attn(i: int, block: BlockView, g: Geometry, stats: Stats, h: torch.Tensor | None,
+             cross: torch.Tensor | None) -> LayerKeep:
+        return selector.attn(i, block, g, stats, h, shape_of(sizes[i], g)[0], cross)
 
-    def mlp(i: int, block: BlockView, g: Geometry, stats: Stats, h: torch.Tensor | None) -> LayerKeep:
-        return selector.mlp(i, block, g, stats, h, shape_of(sizes[i], g)[1])
+    def mlp(i: int, block: BlockView, g: Geometry, stats: Stats, h: torch.Tensor | None,
+            cross: torch.Tensor | None) -> LayerKeep:
+        return selector.mlp(i, block, g, stats, h, shape_of(sizes[i], g)[1], cross)
 
     wopts = opts.walk_options()
     wopts.attn_needs_gram = wopts.mlp_needs_gram = selector.needs_gram

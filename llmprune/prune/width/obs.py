@@ -35,6 +35,10 @@ class ObsConfig(DataWidthOptions):
     sequential: bool = True
     reconstruct: str = "ls"  # type: ignore[assignment]  # OBS always updates the kept weights
     ffn_batch: int = Field(16, ge=1)  # FFN channels removed per OBS step (one downdate each)
+    allocation_nsamples: int | None = Field(32, ge=1)  # the sizes' dense pass: 32 sequences suffice (options.py)
+    # with a dense / residual reconstruct_target, rank removals against that target's optimum (the refit's own
+    # objective) instead of the dense module's weights
+    select_on_target: bool = True
 
     @model_validator(mode="after")
     def _obs_rules(self) -> ObsConfig:
@@ -72,10 +76,13 @@ def _augmented(linear: torch.nn.Linear, device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def obs_remove(w: torch.Tensor, h: torch.Tensor, groups: list[list[int]], n_remove: int, per_step: int = 1,
-               damp: float = 0.01, what: str = "H") -> tuple[list[int], torch.Tensor]:
+               damp: float = 0.01, what: str = "H", cross: torch.Tensor | None = None) -> tuple[list[int], torch.Tensor]:
     """Greedy structured OBS. w [out, n] (float64, updated copy returned), h [n, n] second moment,
     `groups`: the removable column groups (columns outside every group, e.g. the bias, stay; the last
-    column is the constant input, excluded from the damping scale).
+    column is the constant input, excluded from the damping scale). `cross` [out, n] = E[T x̃ᵀ] for a
+    target T other than w x̃ (targets.py): the greedy then starts from that target's own optimum
+    W* = W + (P − W H)(H + λI)⁻¹, so each step's error is the exact increase of the refit's objective
+    ‖T − W'x̃‖² + λ‖W' − W‖² (the refit, reconstruct.refit, minimises the same).
     Removes `n_remove` groups, `per_step` at a time (single-column groups ranked by their own error;
     larger groups one at a time by the exact group error). Returns (removed group indices, updated w
     with the removed columns exactly zero).
@@ -84,7 +91,7 @@ def obs_remove(w: torch.Tensor, h: torch.Tensor, groups: list[list[int]], n_remo
     the downdate leaves the removed rows and columns of H⁻¹ at zero, so they are simply never read again."""
     chol, _ = damped_cholesky(h, damp, what, scale=damp_scale(h))
     hinv = torch.cholesky_inverse(chol)  # [n, n]
-    wk = w.clone()  # [out, n]
+    wk = w.clone() if cross is None else w + (cross.to(w) - w @ h) @ hinv  # [out, n]
     alive = list(range(len(groups)))
     removed: list[int] = []  # in removal order
     single = all(len(g) == 1 for g in groups)
@@ -129,8 +136,8 @@ class ObsSelector:
 
     needs_gram = True
 
-    def __init__(self, damp: float, ffn_batch: int):
-        self.damp, self.ffn_batch = damp, ffn_batch
+    def __init__(self, damp: float, ffn_batch: int, on_target: bool = True):
+        self.damp, self.ffn_batch, self.on_target = damp, ffn_batch, on_target
         self._orders: dict[tuple[int, str], tuple[torch.Tensor, list[int]]] = {}
 
     def _removal(self, key: tuple[int, str], h: torch.Tensor, run: object, n_remove: int) -> list[int]:
@@ -140,7 +147,7 @@ class ObsSelector:
         return self._orders[key][1][:n_remove]
 
     def attn(self, i: int, block: BlockView, g: Geometry, stats: Stats | None, h: torch.Tensor | None,
-             shape: tuple[int, int] | None) -> LayerKeep:
+             shape: tuple[int, int] | None, cross: torch.Tensor | None = None) -> LayerKeep:
         if shape is None or block.attn is None:
             return LayerKeep()
         n_kv = shape[0]
@@ -150,11 +157,11 @@ class ObsSelector:
         groups = [list(range(k * width, (k + 1) * width)) for k in range(g.n_kv_heads)]
         gone = self._removal((i, "attn"), h, lambda: obs_remove(
             _augmented(block.attn.o, h.device), h, groups, g.n_kv_heads - 1, 1, self.damp,
-            f"layer {i} o_proj input second moment")[0], g.n_kv_heads - n_kv)
+            f"layer {i} o_proj input second moment", cross if self.on_target else None)[0], g.n_kv_heads - n_kv)
         return LayerKeep(kv_groups=[k for k in range(g.n_kv_heads) if k not in gone])
 
     def mlp(self, i: int, block: BlockView, g: Geometry, stats: Stats | None, h: torch.Tensor | None,
-            width: int | None) -> LayerKeep:
+            width: int | None, cross: torch.Tensor | None = None) -> LayerKeep:
         if width is None or block.mlp is None:
             return LayerKeep()
         if width == 0:
@@ -163,11 +170,11 @@ class ObsSelector:
         n_remove = g.intermediate - width
         gone = self._removal((i, "mlp"), h, lambda: obs_remove(
             _augmented(block.mlp.down, h.device), h, groups, n_remove, self.ffn_batch, self.damp,
-            f"layer {i} down_proj input second moment")[0], n_remove)
+            f"layer {i} down_proj input second moment", cross if self.on_target else None)[0], n_remove)
         dead = set(gone)
         return LayerKeep(channels=[j for j in range(g.intermediate) if j not in dead])
 
 
 def plan_obs(ctx: PruneContext, cfg: ObsConfig) -> Plan:
     return plan_width(ctx, cfg, obs_diag_scores, score_sites=("attn.o_in", "mlp.down_in"), method="obs",
-                      selector=ObsSelector(cfg.damp, cfg.ffn_batch))
+                      selector=ObsSelector(cfg.damp, cfg.ffn_batch, cfg.select_on_target))

@@ -94,6 +94,17 @@ class DataWidthOptions(WidthOptions):
     """Options of width pruners whose scores come from calibration statistics."""
 
     sequential: bool = False  # score layer by layer on the outputs of the already-pruned layers
+    # calibration sequences (the first ones) the allocation's dense pass reads where that pass only sets the
+    # per-layer sizes (sequential pruners, search.start); null = all. Budgets settle with far fewer tokens
+    # than second moments need (docs/reconstruction.md: 32 of 128 sequences move ≤ 6 FFN channels a layer)
+    allocation_nsamples: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _allocation_subset(self) -> DataWidthOptions:
+        if self.allocation_nsamples is not None and not self.sequential and self.allocation != "search":
+            raise ValueError("allocation_nsamples applies only when the dense pass sets sizes alone (sequential: "
+                             "true, or allocation: search); here that pass also chooses the units — drop it")
+        return self
 
 
 # ---- statistics and signals ------------------------------------------------------------------------

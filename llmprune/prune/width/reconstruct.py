@@ -175,7 +175,9 @@ def output_error(weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tenso
 
 # ---- the layer walk --------------------------------------------------------------------------------
 # choose(layer, block, geometry, score stats, second moment or None) -> LayerKeep (its attention or FFN part)
-Choose = Callable[[int, BlockView, Geometry, Stats, "torch.Tensor | None"], LayerKeep]
+# (layer, block, geometry, statistics, H = E[x̃ x̃ᵀ] of the last linear's inputs or None,
+#  P = E[T x̃ᵀ] toward a dense / residual target or None) -> the units kept
+Choose = Callable[[int, BlockView, Geometry, Stats, "torch.Tensor | None", "torch.Tensor | None"], LayerKeep]
 
 
 @dataclass
@@ -277,8 +279,6 @@ def walk_layers(ctx: PruneContext, choose_attn: Choose, choose_mlp: Choose, site
                     rec_o.record(block.attn.o) if rec_o else contextlib.nullcontext():
                 walker.run(i, keep=False, stop_after=_attention_only(block, sites))  # statistics only
             h_o = gram_o[f"L{i}.o"].matrix() if gram_o else None
-            a_keep = choose_attn(i, block, g, stats, h_o)
-            a_keep = LayerKeep(kv_groups=a_keep.kv_groups, q_heads=a_keep.q_heads)  # the FFN is decided after pass B
             cross_o = cross_d = None
             if dense is not None and block.attn is not None:
                 if replay_ok:
@@ -288,6 +288,8 @@ def walk_layers(ctx: PruneContext, choose_attn: Choose, choose_mlp: Choose, site
                     cross_o = paired_cross(walker, i, dense.hidden, block.attn.o, block.attn.module, "attn",
                                            sublayer_target(opts.target, block.attn.post_norm), contextlib.nullcontext,
                                            dense.next)
+            a_keep = choose_attn(i, block, g, stats, h_o, cross_o)
+            a_keep = LayerKeep(kv_groups=a_keep.kv_groups, q_heads=a_keep.q_heads)  # the FFN is decided after pass B
             t_attn = layer_tensors(block, g, a_keep, layer_plan(i, a_keep, {}), i, h_o if opts.refit else None, None,
                                    opts.damp, cross_o=cross_o)
             attn_plan = layer_plan(i, a_keep, t_attn)
@@ -320,7 +322,7 @@ def walk_layers(ctx: PruneContext, choose_attn: Choose, choose_mlp: Choose, site
                                            None if dense.next else dense.next)
             else:
                 rec_d = None  # no pass B: nothing recorded
-            keeps[i] = _merge(a_keep, choose_mlp(i, block, g, stats, h_down))
+            keeps[i] = _merge(a_keep, choose_mlp(i, block, g, stats, h_down, cross_d))
             full = layer_plan(i, keeps[i], {})
             t_layer = t_attn | layer_tensors(block, g, keeps[i], full, i, None, h_down if opts.refit else None, opts.damp,
                                              cross_down=cross_d)

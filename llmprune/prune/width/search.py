@@ -137,7 +137,7 @@ def build_ladders(ctx: PruneContext, opts: WidthOptions, selector: object, sites
         if a_shape is not None:
             lad = Ladder(i, "attn")
             for k in ladder_sizes(a_shape[0], g.n_kv_heads, 1, s.levels):
-                keep = selector.attn(i, block, g, stats, h_o, (k, g.group_size if k else 0))
+                keep = selector.attn(i, block, g, stats, h_o, (k, g.group_size if k else 0), cross_o)
                 p = one(i, keep)
                 t = layer_tensors(block, g, keep, p, i, h_o if refit else None, None, opts.damp, cross_o=cross_o)
                 lad.variants.append(Variant(k, p.layers[i].attn, t, attn_cost(g, k, rules.compensate)))
@@ -164,7 +164,7 @@ def build_ladders(ctx: PruneContext, opts: WidthOptions, selector: object, sites
         if width is not None:
             lad = Ladder(i, "mlp")
             for w in ladder_sizes(width, g.intermediate, ffn_step(g, s.ffn_step, opts.round_to), s.levels):
-                keep = selector.mlp(i, block, g, stats, h_d, w)
+                keep = selector.mlp(i, block, g, stats, h_d, w, cross_d)
                 p = one(i, keep)
                 t = layer_tensors(block, g, keep, p, i, None, h_d if refit else None, opts.damp, cross_down=cross_d)
                 lad.variants.append(Variant(w, p.layers[i].mlp, t, mlp_cost(g, w, rules.compensate)))
