@@ -212,7 +212,7 @@ def layer_tensors(block: BlockView, g: Geometry, keep: LayerKeep, plan: Plan, i:
 ATTENTION_SITES = frozenset({"attn.in", "attn.o_in"})
 
 
-def _attention_only(block: BlockView, sites: set[str]) -> nn.Module | None:
+def attention_only(block: BlockView, sites: set[str]) -> nn.Module | None:
     """The attention module when pass A records nothing past it (no FFN or whole-block statistics): the pass
     stops there, as the FFN's second moment comes from pass B anyway (the FFN is ~2/3 of a block's work)."""
     if block.attn is None or block.mlp is None or not set(sites) <= ATTENTION_SITES:
@@ -277,7 +277,7 @@ def walk_layers(ctx: PruneContext, choose_attn: Choose, choose_mlp: Choose, site
             mods_o = {f"L{i}.o": block.attn.o} if gram_o else {}
             with record(site_modules(block, sites), stats), record_grams(mods_o, gram_o), \
                     rec_o.record(block.attn.o) if rec_o else contextlib.nullcontext():
-                walker.run(i, keep=False, stop_after=_attention_only(block, sites))  # statistics only
+                walker.run(i, keep=False, stop_after=attention_only(block, sites))  # statistics only
             h_o = gram_o[f"L{i}.o"].matrix() if gram_o else None
             cross_o = cross_d = None
             if dense is not None and block.attn is not None:

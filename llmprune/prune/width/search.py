@@ -39,7 +39,7 @@ from ..context import PruneContext
 from .allocate import LayerKeep, shape_of, uniform
 from .options import WidthOptions, blank_units
 from .keeps import plan_from_keeps
-from .reconstruct import Gram, layer_tensors, record_grams
+from .reconstruct import Gram, attention_only, layer_tensors, record_grams
 from .replay import Replay
 from .targets import DenseStream, SublayerOutputs, cross_moment, sublayer_target, warn_if_few_tokens
 
@@ -98,6 +98,8 @@ def build_ladders(ctx: PruneContext, opts: WidthOptions, selector: object, sites
     compensate = opts.compensate and not refit
     walker = BlockWalker(ctx.model, ctx.family, ctx.require_tokens(), batch_size=ctx.batch_size, device=ctx.device,
                          offload=ctx.offload)
+    if getattr(selector, "needs_gram", False) and not compensate:  # chosen from second moments (OBS)
+        sites = set()
     stats = Stats(n_tokens=walker.n_tokens)
     geo, n = ctx.geometry, len(ctx.geometry)
     ladders: list[Ladder] = []
@@ -127,7 +129,7 @@ def build_ladders(ctx: PruneContext, opts: WidthOptions, selector: object, sites
                       block.mlp.module if resid_d else None)
         with record(site_modules(block, sites), stats), record_grams({"o": block.attn.o} if gram else {}, gram), \
                 rec_o.record(block.attn.o) if paired and block.attn is not None else contextlib.nullcontext():
-            walker.run(i, keep=False)
+            walker.run(i, keep=False, stop_after=attention_only(block, sites))
         h_o = gram["o"].matrix() if gram else None
         cross_o = cross_d = None
         if dense is not None and a_shape is not None:
