@@ -304,26 +304,34 @@ def test_replayed_sublayers_give_the_same_plan_as_recomputing(family, method, ov
         torch.testing.assert_close(fast.tensors[k], slow.tensors[k], rtol=1e-4, atol=2e-5)  # float32 products
 
 
-@pytest.mark.parametrize("method,overrides,ffn_passes", [
-    ("obs", {"pruner.allocation": "uniform", "pruner.reconstruct_target": "module"}, 2),  # B and C; A stops early
-    ("flap", {"pruner.reconstruct": "ls"}, 2),  # the refit walk records no statistics
-    ("flap", {"pruner.sequential": True, "pruner.reconstruct": "ls"}, 3)])  # A's FFN statistics are FLAP's score
-def test_statistics_pass_skips_the_ffn_when_it_records_nothing_there(method, overrides, ffn_passes):
-    """Pass A of the layer walk stops after the attention unless a statistic past it is wanted."""
+@pytest.mark.parametrize("method,overrides,gate_passes,down_passes", [
+    # obs: A stops after the attention, B before down_proj (its input is all the refit needs), C replays down_proj
+    ("obs", {"pruner.allocation": "uniform", "pruner.reconstruct_target": "module"}, 1, 1),
+    ("obs", {"pruner.allocation": "uniform", "pruner.reconstruct_target": "residual"}, 2, 2),  # + pass D (dense)
+    ("flap", {"pruner.reconstruct": "ls"}, 1, 1),  # the refit walk of a fixed selection records no statistics
+    ("flap", {"pruner.sequential": True, "pruner.reconstruct": "ls"}, 2, 2)])  # A's FFN statistics: FLAP's score
+def test_walk_passes_compute_only_what_they_record(method, overrides, gate_passes, down_passes):
+    """Pass A of the layer walk stops after the attention unless a statistic past it is wanted; pass B stops
+    before down_proj; only the dense stream (pass D) and the advancing pass C compute down_proj."""
     model = make_model("llama")
     fam = family_for(model.config)
     calib = torch.randint(3, 320, (8, 16), generator=torch.Generator().manual_seed(2))
     recipe = load_recipe(method, {"sparsity": 0.4, "calibration.batch_size": 4, **overrides})
-    counts = [0] * len(fam.layers(model))
-    handles = [fam.block(model, i).mlp.module.register_forward_hook(
-        lambda *_, i=i: counts.__setitem__(i, counts[i] + 1)) for i in range(len(counts))]
+    n = len(fam.layers(model))
+    gate, down = [0] * n, [0] * n
+    handles = []
+    for i in range(n):
+        mlp = fam.block(model, i).mlp
+        handles.append(mlp.inputs[0].register_forward_hook(lambda *_, i=i: gate.__setitem__(i, gate[i] + 1)))
+        handles.append(mlp.down.register_forward_hook(lambda *_, i=i: down.__setitem__(i, down[i] + 1)))
     try:
         api.make_plan(model, recipe, calib, progress=False)
     finally:
         for h in handles:
             h.remove()
     dense = 1 if recipe.options.allocation != "uniform" else 0  # the allocation's dense pass
-    assert counts == [2 * (ffn_passes + dense)] * len(counts)  # 2 micro-batches per pass
+    assert gate == [2 * (gate_passes + dense)] * n  # 2 micro-batches per pass
+    assert down == [2 * (down_passes + dense)] * n
 
 
 def test_allocation_statistics_read_only_the_first_sequences_when_asked():
@@ -339,8 +347,8 @@ def test_allocation_statistics_read_only_the_first_sequences_when_asked():
             recipe = load_recipe("obs", {"sparsity": 0.4, "calibration.batch_size": 4, "pruner.allocation_nsamples": n,
                                          "pruner.reconstruct_target": "module"})
             api.make_plan(model, recipe, calib, progress=False)
-            # the dense pass, then the walk's passes B and C on all 8 sequences
-            assert counts == ([4, 4] if n is None else [4]) + [4, 4] * 2
+            # the dense pass, then the walk's pass C on all 8 sequences (pass B stops before down_proj)
+            assert counts == ([4, 4] if n is None else [4]) + [4, 4]
     finally:
         hook.remove()
     with pytest.raises(Exception, match="allocation_nsamples applies only"):

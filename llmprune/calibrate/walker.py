@@ -46,7 +46,7 @@ class _StopBlock(Exception):
     """Raised after the module `run(stop_after=...)` names: the rest of the block is not needed."""
 
 
-def _raise_stop(_module: nn.Module, _args: Any, _out: Any) -> None:
+def _raise_stop(_module: nn.Module, *_: Any) -> None:
     raise _StopBlock
 
 
@@ -123,16 +123,19 @@ class BlockWalker:
     # ---- running blocks ---------------------------------------------------------------------------
     @torch.no_grad()
     def run(self, i: int, hidden: list[torch.Tensor] | None = None, layer: nn.Module | None = None,
-            keep: bool = True, in_place: bool = False, stop_after: nn.Module | None = None) -> list[torch.Tensor]:
+            keep: bool = True, in_place: bool = False, stop_after: nn.Module | None = None,
+            stop_before: nn.Module | None = None) -> list[torch.Tensor]:
         """Run block `i` (or a stand-in `layer`) on `hidden` (default: the current inputs); return its outputs.
 
         keep=False: outputs are dropped (a statistics-only pass). in_place=True: each micro-batch's output
         replaces its input at once, so a pass holds one copy of the activations, not two (`advance_through`).
         stop_after: a submodule of the block (e.g. its attention) after whose forward each micro-batch stops —
         a statistics pass whose hooks all sit in or before it skips the rest of the block (needs keep=False).
+        stop_before: likewise, stopping once that submodule's input is known (its pre-hooks registered before
+        this call still run: e.g. a second moment of down_proj's inputs without computing down_proj).
         """
-        if stop_after is not None and (keep or in_place):
-            raise ValueError("stop_after leaves no block output: use it with keep=False")
+        if (stop_after is not None or stop_before is not None) and (keep or in_place):
+            raise ValueError("stop_after / stop_before leave no block output: use them with keep=False")
         layer = self.layers[i] if layer is None else layer
         hidden = self.hidden if hidden is None else hidden
         home = None
@@ -140,7 +143,8 @@ class BlockWalker:
             home = next(layer.parameters()).device
             layer.to(self.device)
         outs = []
-        stop = stop_after.register_forward_hook(_raise_stop) if stop_after is not None else None
+        stops = ([stop_after.register_forward_hook(_raise_stop)] if stop_after is not None else []) + \
+            ([stop_before.register_forward_pre_hook(_raise_stop)] if stop_before is not None else [])
         try:
             with on_device(self.loader, i) if layer is self.layers[i] else contextlib.nullcontext():
                 for j, (h, (args, kwargs)) in enumerate(zip(hidden, self.layer_args[i])):
@@ -155,7 +159,7 @@ class BlockWalker:
                     elif keep:
                         outs.append(out.to(self.store))
         finally:
-            if stop is not None:
+            for stop in stops:
                 stop.remove()
             if home is not None:
                 layer.to(home)

@@ -33,7 +33,7 @@ from ..context import PruneContext
 from .allocate import LayerKeep
 from .keeps import plan_from_keeps
 from .replay import Replay, fits
-from .targets import (DenseStream, SublayerOutputs, cross_moment, paired_cross, sublayer_target,
+from .targets import (DenseStream, cross_moment, ffn_entry, paired_cross, sublayer_target,
                       warn_if_few_tokens)
 
 log = logging.getLogger(__name__)
@@ -265,13 +265,12 @@ def walk_layers(ctx: PruneContext, choose_attn: Choose, choose_mlp: Choose, site
             # replay.py: the pruned sublayers' outputs from their recorded last-linear inputs; with a dense /
             # residual target the dense side's inputs (and residuals) are recorded too
             width = (g.n_q_heads * g.head_dim if block.attn else 0) + (g.intermediate if block.mlp else 0)
-            replay_ok = fits(walker.n_tokens, 2 * width + 3 * g.hidden if paired else width, act_dtype)
+            replay_ok = fits(walker.n_tokens, width + 5 * g.hidden if paired else width, act_dtype)
             rec_o = Replay(walker.store) if replay_ok and block.attn is not None else None
             stand_in_o = rec_o is not None and block.attn.qk_norm_per_head
             rec_d = Replay(walker.store) if replay_ok and block.mlp is not None else None
             if dense is not None and replay_ok:  # pass D: the dense block on the dense stream
-                dense.run(walker, i, block.attn.o if block.attn else None, block.mlp.down if block.mlp else None,
-                          block.mlp.module if resid_d else None)
+                dense.run(walker, i, block.attn.module if block.attn else None, block.mlp.module if block.mlp else None)
             want_o = block.attn is not None and (opts.refit or opts.attn_needs_gram)
             gram_o = {f"L{i}.o": Gram(opts.hessian_dtype)} if want_o else {}
             mods_o = {f"L{i}.o": block.attn.o} if gram_o else {}
@@ -282,8 +281,8 @@ def walk_layers(ctx: PruneContext, choose_attn: Choose, choose_mlp: Choose, site
             cross_o = cross_d = None
             if dense is not None and block.attn is not None:
                 if replay_ok:
-                    cross_o = cross_moment(block.attn.o, dense.x_o, rec_o.inputs, dense.hidden if resid_o else None,
-                                           walker.hidden if resid_o else None)
+                    cross_o = cross_moment(rec_o.inputs,
+                                           lambda j: dense.attn_target(j, walker.hidden[j] if resid_o else None))
                 else:
                     cross_o = paired_cross(walker, i, dense.hidden, block.attn.o, block.attn.module, "attn",
                                            sublayer_target(opts.target, block.attn.post_norm), contextlib.nullcontext,
@@ -302,19 +301,18 @@ def walk_layers(ctx: PruneContext, choose_attn: Choose, choose_mlp: Choose, site
             h_down = None
             if block.mlp is not None and (opts.refit or opts.mlp_needs_gram):
                 gram_d = {f"L{i}.down": Gram(opts.hessian_dtype)}
-                mlp_out = SublayerOutputs()  # the pruned side's residual entering the FFN (residual target)
-                want_r = resid_d and replay_ok
+                # the pruned side's residual entering the FFN (residual target): the FFN's pre-norm input
+                r_hat = Replay(walker.store)
                 with simulate(ctx.model, attn_plan, ctx.family), attn_stand_in(attn_plan), \
                         record_grams({f"L{i}.down": block.mlp.down}, gram_d), \
                         rec_d.record(block.mlp.down) if rec_d else contextlib.nullcontext(), \
-                        mlp_out.record(block.mlp.module if want_r else None):
-                    outs_b = walker.run(i, keep=want_r)
+                        r_hat.record(ffn_entry(block)) if resid_d and replay_ok else contextlib.nullcontext():
+                    walker.run(i, keep=False, stop_before=block.mlp.down)  # down_proj's output is not needed
                 h_down = gram_d[f"L{i}.down"].matrix()
                 if dense is not None and replay_ok:
-                    r_hat = mlp_out.residual_in(outs_b) if resid_d else None
-                    cross_d = cross_moment(block.mlp.down, dense.x_d, rec_d.inputs, dense.r_mid if resid_d else None,
-                                           r_hat)
-                    del outs_b, r_hat
+                    cross_d = cross_moment(rec_d.inputs,
+                                           lambda j: dense.mlp_target(j, r_hat.inputs[j] if resid_d else None))
+                    del r_hat
                 elif dense is not None:
                     cross_d = paired_cross(walker, i, dense.hidden, block.mlp.down, block.mlp.module, "mlp",
                                            sublayer_target(opts.target, block.mlp.post_norm),

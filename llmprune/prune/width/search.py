@@ -41,7 +41,7 @@ from .options import WidthOptions, blank_units
 from .keeps import plan_from_keeps
 from .reconstruct import Gram, attention_only, layer_tensors, record_grams
 from .replay import Replay
-from .targets import DenseStream, SublayerOutputs, cross_moment, sublayer_target, warn_if_few_tokens
+from .targets import DenseStream, cross_moment, ffn_entry, sublayer_target, warn_if_few_tokens
 
 log = logging.getLogger(__name__)
 
@@ -125,16 +125,14 @@ def build_ladders(ctx: PruneContext, opts: WidthOptions, selector: object, sites
             sublayer_target(opts.reconstruct_target, block.mlp.post_norm) == "residual"
         rec_o, rec_d = Replay(walker.store), Replay(walker.store)  # the pruned side's inputs, for the targets
         if dense is not None:  # pass D: the dense block on the dense stream
-            dense.run(walker, i, block.attn.o if block.attn else None, block.mlp.down if block.mlp else None,
-                      block.mlp.module if resid_d else None)
+            dense.run(walker, i, block.attn.module if block.attn else None, block.mlp.module if block.mlp else None)
         with record(site_modules(block, sites), stats), record_grams({"o": block.attn.o} if gram else {}, gram), \
                 rec_o.record(block.attn.o) if paired and block.attn is not None else contextlib.nullcontext():
             walker.run(i, keep=False, stop_after=attention_only(block, sites))
         h_o = gram["o"].matrix() if gram else None
         cross_o = cross_d = None
         if dense is not None and a_shape is not None:
-            cross_o = cross_moment(block.attn.o, dense.x_o, rec_o.inputs, dense.hidden if resid_o else None,
-                                   walker.hidden if resid_o else None)
+            cross_o = cross_moment(rec_o.inputs, lambda j: dense.attn_target(j, walker.hidden[j] if resid_o else None))
         a_centre = LayerKeep()
         if a_shape is not None:
             lad = Ladder(i, "attn")
@@ -152,16 +150,15 @@ def build_ladders(ctx: PruneContext, opts: WidthOptions, selector: object, sites
             gram = {"d": Gram(getattr(torch, opts.hessian_dtype))}
             p = one(i, a_centre)
             p.tensors = t_attn
-            mlp_out = SublayerOutputs()  # the pruned side's residual entering the FFN (residual target)
+            r_hat = Replay(walker.store)  # the pruned side's residual entering the FFN (residual target)
             with simulate(ctx.model, p, ctx.family), record_grams({"d": block.mlp.down}, gram), \
                     rec_d.record(block.mlp.down) if paired else contextlib.nullcontext(), \
-                    mlp_out.record(block.mlp.module if resid_d else None):
-                outs_b = walker.run(i, keep=resid_d)
+                    r_hat.record(ffn_entry(block)) if resid_d else contextlib.nullcontext():
+                walker.run(i, keep=False, stop_before=block.mlp.down)
             h_d = gram["d"].matrix()
             if dense is not None:
-                r_hat = mlp_out.residual_in(outs_b) if resid_d else None
-                cross_d = cross_moment(block.mlp.down, dense.x_d, rec_d.inputs, dense.r_mid if resid_d else None, r_hat)
-                del outs_b, r_hat
+                cross_d = cross_moment(rec_d.inputs, lambda j: dense.mlp_target(j, r_hat.inputs[j] if resid_d else None))
+                del r_hat
         m_centre = LayerKeep()
         if width is not None:
             lad = Ladder(i, "mlp")

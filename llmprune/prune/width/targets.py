@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...calibrate import BlockWalker
+from ...families.base import BlockView
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +49,19 @@ def module_target(linear: nn.Linear, x: torch.Tensor, r: torch.Tensor | None = N
     return t
 
 
+def ffn_entry(block: BlockView) -> nn.Module:
+    """The module whose input is the residual stream entering the FFN: its pre-norm (or the FFN itself)."""
+    return block.mlp.norm if block.mlp.norm is not None else block.mlp.module
+
+
 class SublayerOutputs:
-    """A sublayer's output per micro-batch while `record` is active. `residual_in(block_outputs)` is the
-    residual stream that entered it: block output − sublayer output (the sublayer is added last, so
-    only for layouts without a post-norm — where the residual target applies)."""
+    """A sublayer's output per micro-batch while `record` is active (nothing when the module is None)."""
 
     def __init__(self) -> None:
         self.outputs: list[torch.Tensor] = []
 
     @contextlib.contextmanager
     def record(self, module: nn.Module | None) -> Iterator[None]:
-        """Records nothing when `module` is None."""
         self.outputs.clear()
         handle = None if module is None else module.register_forward_hook(
             lambda _m, _a, out: self.outputs.append((out[0] if isinstance(out, tuple) else out).detach()))
@@ -67,9 +70,6 @@ class SublayerOutputs:
         finally:
             if handle is not None:
                 handle.remove()
-
-    def residual_in(self, block_outputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [o.to(m.device) - m for o, m in zip(block_outputs, self.outputs)]
 
 
 class CrossMoment:
@@ -155,50 +155,53 @@ def paired_cross(walker: BlockWalker, i: int, dense_in: list[torch.Tensor], line
 class DenseStream:
     """The dense model's stream beside the layer walk, for the `dense` / `residual` targets when the walk
     records the pruned side's inputs anyway (replay.py): per layer one pass of the dense block on the
-    dense stream records what the targets need, and the cross moments are then formed batch by batch
-    against the pruned side's recorded inputs — no pass is run twice (`paired_cross` is the fallback
-    that re-runs both sides when the recordings would not fit)."""
+    dense stream (pass D) records the sublayers' outputs, and the cross moments are then formed batch by
+    batch against the pruned side's recorded inputs — no pass is run twice (`paired_cross` is the
+    fallback that re-runs both sides when the recordings would not fit).
+
+    The targets come from sublayer outputs, not from re-applying the linear: in every supported family
+    the attention ends in o_proj and the FFN in down_proj (replay.py), so W x + b is the sublayer's
+    output, and for a sublayer added straight to the residual stream the residual target
+    W x + b + (r − r̂) is the dense stream after the sublayer minus the pruned stream before it."""
 
     def __init__(self, hidden: list[torch.Tensor]):
         self.hidden = list(hidden)  # [b, T, d] per micro-batch: the dense inputs of the next block
-        self.x_o: list[torch.Tensor] = []  # o_proj inputs, dense
-        self.x_d: list[torch.Tensor] = []  # down_proj inputs, dense
-        self.r_mid: list[torch.Tensor] = []  # residual stream entering the FFN, dense
-        self.next: list[torch.Tensor] = []
+        self.attn_out: list[torch.Tensor] = []  # [b, T, d] the attention's output (o_proj's), dense
+        self.mlp_out: list[torch.Tensor] = []  # [b, T, d] the FFN's output (down_proj's), dense
+        self.next: list[torch.Tensor] = []  # [b, T, d] the block's output, dense
 
     @torch.no_grad()
-    def run(self, walker: BlockWalker, i: int, o_proj: nn.Module | None, down: nn.Module | None,
-            mlp: nn.Module | None) -> None:
-        """Pass D: the dense block i on the dense stream, recording its o_proj / down_proj inputs and
-        (with `mlp`) the residual entering the FFN (block output − FFN output)."""
-        self.x_o, self.x_d = [], []
-        mlp_out = SublayerOutputs()
-        handles = []
-        if o_proj is not None:
-            handles.append(o_proj.register_forward_pre_hook(lambda _m, a: self.x_o.append(a[0].detach())))
-        if down is not None:
-            handles.append(down.register_forward_pre_hook(lambda _m, a: self.x_d.append(a[0].detach())))
-        try:
-            with mlp_out.record(mlp):
-                self.next = walker.run(i, self.hidden)
-        finally:
-            for h in handles:
-                h.remove()
-        self.r_mid = mlp_out.residual_in(self.next) if mlp is not None else []
+    def run(self, walker: BlockWalker, i: int, attn: nn.Module | None, mlp: nn.Module | None) -> None:
+        """Pass D: the dense block i on the dense stream, recording the outputs of the sublayers given."""
+        a, m = SublayerOutputs(), SublayerOutputs()
+        with a.record(attn), m.record(mlp):
+            self.next = walker.run(i, self.hidden)
+        self.attn_out, self.mlp_out = list(a.outputs), list(m.outputs)
+
+    def attn_target(self, j: int, h_hat: torch.Tensor | None) -> torch.Tensor:
+        """Micro-batch j's target for o_proj: its dense output, plus the drift h − ĥ of the stream entering the
+        block when `h_hat` (the pruned stream) is given (residual target). [b, T, d] float32."""
+        t = self.attn_out[j].float()
+        return t if h_hat is None else t + (self.hidden[j].to(t.device).float() - h_hat.to(t.device).float())
+
+    def mlp_target(self, j: int, r_hat: torch.Tensor | None) -> torch.Tensor:
+        """Micro-batch j's target for down_proj: its dense output or, given the pruned residual r̂ entering the
+        FFN (residual target), the dense block output − r̂ (= W x + b + r − r̂). [b, T, d] float32."""
+        if r_hat is None:
+            return self.mlp_out[j].float()
+        return self.next[j].float() - r_hat.to(self.next[j].device).float()
 
     def advance(self) -> None:
         self.hidden, self.next = self.next, []
-        self.x_o, self.x_d, self.r_mid = [], [], []
+        self.attn_out, self.mlp_out = [], []
 
 
 @torch.no_grad()
-def cross_moment(linear: nn.Linear, x_dense: list[torch.Tensor], x_hat: list[torch.Tensor],
-                 r_dense: list[torch.Tensor] | None = None, r_hat: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """P = E[T x̂̃ᵀ] with T = W x + b (+ r − r̂ when residuals are given), micro-batch by micro-batch."""
+def cross_moment(x_hat: list[torch.Tensor], target: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    """P = E[T x̂̃ᵀ] ([out, in+1], float64), micro-batch by micro-batch: `target(j)` is T of micro-batch j."""
     cross = CrossMoment()
-    resid = r_dense is not None and r_hat is not None
-    for j, (x, xh) in enumerate(zip(x_dense, x_hat)):
-        t = module_target(linear, x, r_dense[j] if resid else None, r_hat[j] if resid else None)
+    for j, xh in enumerate(x_hat):
+        t = target(j)
         cross.update(t, xh.to(t.device))
     return cross.matrix()
 
