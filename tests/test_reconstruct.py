@@ -30,6 +30,29 @@ def _data(n: int = 400, d_in: int = 8, d_out: int = 5, seed: int = 0) -> tuple[t
     return x, w, b
 
 
+def test_product_sums_match_float64_across_flushes():
+    """accumulate.ProductSum: float32 GEMMs folded into a float64 total every FLUSH_TOKENS tokens equal the
+    float64 sum (and Gram's augmented matrix is assembled from it)."""
+    from llmprune.prune.width.accumulate import FLUSH_TOKENS, ProductSum
+
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randn(1000, 6, generator=gen) + 2.0 for _ in range(3 * FLUSH_TOKENS // 1000)]
+    ref = sum(b.double().T @ b.double() for b in batches)
+    acc, g = ProductSum(torch.float64), Gram()
+    for b in batches:
+        acc.add(b, b)
+        g.update(b)
+    torch.testing.assert_close(acc.result(), ref, rtol=1e-5, atol=0)  # float32 sums of <= 8k products
+    x = torch.cat(batches).double()
+    xt = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1)
+    torch.testing.assert_close(g.matrix(), xt.T @ xt / len(x), rtol=1e-5, atol=0)
+    low = ProductSum(torch.float32)  # hessian_dtype: float32 sums in place, no buffer
+    for b in batches:
+        low.add(b, b)
+    assert low.result().dtype == torch.float32 and low._buf is None
+    torch.testing.assert_close(low.result().double(), ref, rtol=1e-4, atol=0)
+
+
 def test_refit_with_nothing_removed_is_the_identity():
     x, w, b = _data()
     new_w, new_b = refit(w, b, _gram(x), list(range(w.shape[1])), damp=0.01)

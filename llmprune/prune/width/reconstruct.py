@@ -30,6 +30,7 @@ from ...families.base import BlockView, Geometry
 from ...plan import Plan, attn_kept_channels
 from ...surgery import simulate
 from ..context import PruneContext
+from .accumulate import ProductSum
 from .allocate import LayerKeep
 from .keeps import plan_from_keeps
 from .replay import Replay, fits
@@ -45,36 +46,36 @@ class ReconstructionError(RuntimeError):
 
 
 # ---- second moments --------------------------------------------------------------------------------
-@dataclass
 class Gram:
     """Running Σ x̃ x̃ᵀ over tokens, x̃ = [x; 1], accumulated in `dtype` (float64 default; float32 halves the
-    memory of large FFNs). Each micro-batch's product is computed in float32 (sgemm, about twice the
-    speed of float64) and added to the accumulator: a micro-batch sums at most a few thousand
-    products, far below where float32 loses anything the fit (damped by 1 % of mean(diag H)) sees."""
+    memory of large FFNs). The products are float32 GEMMs folded into the total every few thousand
+    tokens (accumulate.ProductSum); the constant column (Σx and the count) is summed directly."""
 
-    dtype: torch.dtype = torch.float64
-    sum: torch.Tensor | None = None  # [(in+1), (in+1)]
-    count: int = 0
+    def __init__(self, dtype: torch.dtype = torch.float64):
+        self.dtype = dtype
+        self.products = ProductSum(dtype)  # Σ x xᵀ [in, in]
+        self.col: torch.Tensor | None = None  # Σ x [in]
+        self.count = 0
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1])  # [N, in]
         x = x.float() if x.dtype != torch.float64 else x
-        n_in = x.shape[1]
-        if self.sum is None:
-            self.sum = torch.zeros(n_in + 1, n_in + 1, dtype=self.dtype, device=x.device)
-        self.sum[:n_in, :n_in] += (x.T @ x).to(self.dtype)  # the constant column: Σx and the count
+        self.products.add(x, x)
         col = x.sum(0).to(self.dtype)
-        self.sum[:n_in, n_in] += col
-        self.sum[n_in, :n_in] += col
-        self.sum[n_in, n_in] += x.shape[0]
+        self.col = col if self.col is None else self.col + col
         self.count += x.shape[0]
 
     def matrix(self) -> torch.Tensor:
         """E[x̃ x̃ᵀ] in float64: [(in+1), (in+1)], the last row/column belongs to the constant 1."""
-        if self.sum is None or self.count == 0:
+        if self.col is None or self.count == 0:
             raise ValueError("no calibration inputs reached this module")
-        return (self.sum / self.count).double()
+        n_in = self.col.shape[0]
+        h = torch.empty(n_in + 1, n_in + 1, dtype=torch.float64, device=self.col.device)
+        h[:n_in, :n_in] = self.products.result()
+        h[:n_in, n_in] = h[n_in, :n_in] = self.col.double()
+        h[n_in, n_in] = self.count
+        return h / self.count
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ from torch import nn
 
 from ...calibrate import BlockWalker
 from ...families.base import BlockView
+from .accumulate import ProductSum
 
 log = logging.getLogger(__name__)
 
@@ -73,25 +74,25 @@ class SublayerOutputs:
 
 
 class CrossMoment:
-    """Running Σ T x̂̃ᵀ ([out, in+1], float64) over tokens; each micro-batch's product in float32 (Gram)."""
+    """Running Σ T x̂̃ᵀ ([out, in+1], float64) over tokens; the products as in Gram (accumulate.ProductSum)."""
 
     def __init__(self) -> None:
-        self.sum: torch.Tensor | None = None
+        self.products = ProductSum(torch.float64)  # Σ T x̂ᵀ [out, in]
+        self.col: torch.Tensor | None = None  # Σ T [out]: the constant input 1
         self.count = 0
 
     def update(self, target: torch.Tensor, x_hat: torch.Tensor) -> None:
         t = target.detach().reshape(-1, target.shape[-1]).float()  # [N, out]
         x = x_hat.detach().reshape(-1, x_hat.shape[-1]).float()  # [N, in]
-        if self.sum is None:
-            self.sum = torch.zeros(t.shape[1], x.shape[1] + 1, dtype=torch.float64, device=x.device)
-        self.sum[:, :-1] += (t.T @ x).double()
-        self.sum[:, -1] += t.sum(0).double()  # the constant input 1
+        self.products.add(t, x)
+        col = t.sum(0).double()
+        self.col = col if self.col is None else self.col + col
         self.count += x.shape[0]
 
     def matrix(self) -> torch.Tensor:
-        if self.sum is None or self.count == 0:
+        if self.col is None or self.count == 0:
             raise ValueError("no calibration inputs reached this module")
-        return self.sum / self.count
+        return torch.cat([self.products.result(), self.col[:, None]], dim=1) / self.count
 
 
 class _Tap:
