@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from llmprune.recipe import parse_override  # noqa: E402  (--set values parsed as YAML, as the CLI does)
 METHODS = {  # row name -> (recipe, overrides)
     "magnitude": ("magnitude", {}),
     "flap": ("flap", {}),
@@ -71,7 +73,7 @@ def recon_jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
                     ov = {**allocation_overrides(p, a), **(search if a == "search" else {})}
                     if p != "obs":
                         ov["pruner.reconstruct"] = rc
-                    ov.update(dict(kv.split("=", 1) for kv in args.set))
+                    ov.update(dict(parse_override(kv) for kv in args.set))  # YAML values, as the CLI
                     if args.rows and f"{p}/{rc}/{a}" not in args.rows:
                         continue
                     jobs.append({"name": f"{p}/{rc}/{a}", "recipe": p, "overrides": ov, "sparsity": s,
