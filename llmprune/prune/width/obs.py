@@ -37,8 +37,8 @@ class ObsConfig(DataWidthOptions):
     ffn_batch: int = Field(16, ge=1)  # FFN channels removed per OBS step (one downdate each)
     allocation_nsamples: int | None = Field(32, ge=1)  # the sizes' dense pass: 32 sequences suffice (options.py)
     # with a dense / residual reconstruct_target, rank removals against that target's optimum (the refit's own
-    # objective) instead of the dense module's weights
-    select_on_target: bool = True
+    # objective) instead of the dense module's weights; off: measured better in 3 of 4 cells (docs/reconstruction.md)
+    select_on_target: bool = False
 
     @model_validator(mode="after")
     def _obs_rules(self) -> ObsConfig:
@@ -136,7 +136,7 @@ class ObsSelector:
 
     needs_gram = True
 
-    def __init__(self, damp: float, ffn_batch: int, on_target: bool = True):
+    def __init__(self, damp: float, ffn_batch: int, on_target: bool = False):
         self.damp, self.ffn_batch, self.on_target = damp, ffn_batch, on_target
         self._orders: dict[tuple[int, str], tuple[torch.Tensor, list[int]]] = {}
 
