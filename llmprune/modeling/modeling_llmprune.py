@@ -50,6 +50,36 @@ if tuple(int(p) for p in transformers.__version__.split(".")[:2]) < _MIN_TRANSFO
 # speak whichever this version's modules take.
 _CACHE_KW = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
+
+
+def _first_real_layer_lengths() -> None:
+    """transformers 5.25 keeps a `DummyLayer` (no `get_seq_length`) in the KV cache for attention-free layers,
+    yet `Cache.get_seq_length()` and `generate()` ask layer 0 by default: a checkpoint whose layer 0 lost its
+    attention then fails to generate. Where that is so, ask the first layer that holds keys instead (the same
+    answer every attention layer gives); nothing changes for caches whose layer 0 attends."""
+    try:
+        from transformers.cache_utils import DummyLayer
+    except ImportError:  # older transformers: placeholders are real cache layers
+        return
+    if hasattr(DummyLayer, "get_seq_length") or getattr(Cache.get_seq_length, "_llmprune", False):
+        return
+    original = Cache.get_seq_length
+
+    def get_seq_length(self: Cache, layer_idx: int = 0) -> int:
+        layers = getattr(self, "layers", None)
+        if layers is not None and layer_idx < len(layers) and isinstance(layers[layer_idx], DummyLayer):
+            real = [i for i, layer in enumerate(layers) if not isinstance(layer, DummyLayer)]
+            if not real:
+                return 0
+            layer_idx = real[0]
+        return original(self, layer_idx)
+
+    get_seq_length._llmprune = True  # type: ignore[attr-defined]
+    Cache.get_seq_length = get_seq_length  # type: ignore[method-assign]
+
+
+_first_real_layer_lengths()
+
 # base_model_type -> (module, class-name prefix) providing Attention, MLP, RMSNorm, RotaryEmbedding
 _FAMILY_MODULES = {
     "llama": ("transformers.models.llama.modeling_llama", "Llama"),
@@ -229,7 +259,9 @@ class _DecoderStack:
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if position_ids is None:
-            past = cache.get_seq_length() if cache is not None else 0
+            # ask an attention layer: a placeholder (transformers' DummyLayer) may not know a length
+            first_attn = next(i for i, t in enumerate(layer_types) if t != NO_ATTENTION)
+            past = cache.get_seq_length(first_attn) if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past
 
         masks = attention_mask  # generate() may hand over a ready {layer_type: mask} mapping
