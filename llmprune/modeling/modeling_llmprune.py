@@ -260,8 +260,9 @@ class _DecoderStack:
             cache = DynamicCache(config=self.config)
         if position_ids is None:
             # ask an attention layer: a placeholder (transformers' DummyLayer) may not know a length
-            first_attn = next(i for i, t in enumerate(layer_types) if t != NO_ATTENTION)
-            past = cache.get_seq_length(first_attn) if cache is not None else 0
+            past = 0
+            if cache is not None:  # (only with attention: see has_attention above)
+                past = cache.get_seq_length(next(i for i, t in enumerate(layer_types) if t != NO_ATTENTION))
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past
 
         masks = attention_mask  # generate() may hand over a ready {layer_type: mask} mapping

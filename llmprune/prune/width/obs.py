@@ -76,7 +76,8 @@ def _augmented(linear: torch.nn.Linear, device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def obs_remove(w: torch.Tensor, h: torch.Tensor, groups: list[list[int]], n_remove: int, per_step: int = 1,
-               damp: float = 0.01, what: str = "H", cross: torch.Tensor | None = None) -> tuple[list[int], torch.Tensor]:
+               damp: float = 0.01, what: str = "H",
+               cross: torch.Tensor | None = None) -> tuple[list[int], torch.Tensor]:
     """Greedy structured OBS. w [out, n] (float64, updated copy returned), h [n, n] second moment,
     `groups`: the removable column groups (columns outside every group, e.g. the bias, stay; the last
     column is the constant input, excluded from the damping scale). `cross` [out, n] = E[T x̃ᵀ] for a

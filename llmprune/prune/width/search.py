@@ -157,7 +157,8 @@ def build_ladders(ctx: PruneContext, opts: WidthOptions, selector: object, sites
                 walker.run(i, keep=False, stop_before=block.mlp.down)
             h_d = gram["d"].matrix()
             if dense is not None:
-                cross_d = cross_moment(rec_d.inputs, lambda j: dense.mlp_target(j, r_hat.inputs[j] if resid_d else None))
+                cross_d = cross_moment(rec_d.inputs,
+                                       lambda j: dense.mlp_target(j, r_hat.inputs[j] if resid_d else None))
                 del r_hat
         m_centre = LayerKeep()
         if width is not None:
