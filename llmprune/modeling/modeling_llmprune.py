@@ -51,7 +51,6 @@ if tuple(int(p) for p in transformers.__version__.split(".")[:2]) < _MIN_TRANSFO
 _CACHE_KW = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
-
 def _first_real_layer_lengths() -> None:
     """transformers 5.25 keeps a `DummyLayer` (no `get_seq_length`) in the KV cache for attention-free layers,
     yet `Cache.get_seq_length()` and `generate()` ask layer 0 by default: a checkpoint whose layer 0 lost its

@@ -204,6 +204,4 @@ def _sequential(ctx: PruneContext, opts: WidthOptions, selector: ScoreSelector, 
 
     wopts = opts.walk_options()
     wopts.attn_needs_gram = wopts.mlp_needs_gram = selector.needs_gram
-    if selector.needs_gram and not (wopts.compensate and not wopts.refit):  # chosen from second moments
-        sites = set()
     return walk_layers(ctx, attn, mlp, sites, wopts, method)

@@ -47,7 +47,7 @@ class FlapConfig(DataWidthOptions):
     compensate: bool = True
     faithful: bool = False
     # Square attention channel scores once more, as the released code does. On by default: measured on a
-    # GQA and an MHA model at 20 % and 50 % it gave lower perplexity everywhere (docs/benchmarks-flap.md).
+    # GQA and an MHA model at 20 % and 50 % it gave lower perplexity in 3 of 4 cells (docs/benchmarks-flap.md).
     square_attention: bool = True
 
     @field_validator("metric", "structure", mode="before")

@@ -175,7 +175,6 @@ def output_error(weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tenso
 
 
 # ---- the layer walk --------------------------------------------------------------------------------
-# choose(layer, block, geometry, score stats, second moment or None) -> LayerKeep (its attention or FFN part)
 # (layer, block, geometry, statistics, H = E[x̃ x̃ᵀ] of the last linear's inputs or None,
 #  P = E[T x̃ᵀ] toward a dense / residual target or None) -> the units kept
 Choose = Callable[[int, BlockView, Geometry, Stats, "torch.Tensor | None", "torch.Tensor | None"], LayerKeep]
@@ -213,6 +212,12 @@ def layer_tensors(block: BlockView, g: Geometry, keep: LayerKeep, plan: Plan, i:
 ATTENTION_SITES = frozenset({"attn.in", "attn.o_in"})
 
 
+def walk_sites(sites: set[str], needs_gram: bool, compensate: bool) -> set[str]:
+    """The score statistics a walk records: none when the units are chosen from second moments (OBS) and no
+    FLAP compensation needs calibration means."""
+    return set() if needs_gram and not compensate else set(sites)
+
+
 def attention_only(block: BlockView, sites: set[str]) -> nn.Module | None:
     """The attention module when pass A records nothing past it (no FFN or whole-block statistics): the pass
     stops there, as the FFN's second moment comes from pass B anyway (the FFN is ~2/3 of a block's work)."""
@@ -243,6 +248,7 @@ def walk_layers(ctx: PruneContext, choose_attn: Choose, choose_mlp: Choose, site
     keeps = [LayerKeep() for _ in range(n)]
     tensors: dict[str, torch.Tensor] = {}
     compensate = opts.compensate and not opts.refit
+    sites = walk_sites(sites, opts.attn_needs_gram and opts.mlp_needs_gram, compensate)
     paired = opts.refit and opts.target != "module"
     dense = DenseStream(walker.hidden) if paired else None  # the dense model's stream (targets.py)
     if paired:

@@ -39,7 +39,7 @@ from ..context import PruneContext
 from .allocate import LayerKeep, shape_of, uniform
 from .options import WidthOptions, blank_units
 from .keeps import plan_from_keeps
-from .reconstruct import Gram, attention_only, layer_tensors, record_grams
+from .reconstruct import Gram, attention_only, layer_tensors, record_grams, walk_sites
 from .replay import Replay
 from .targets import DenseStream, cross_moment, ffn_entry, sublayer_target, warn_if_few_tokens
 
@@ -98,8 +98,7 @@ def build_ladders(ctx: PruneContext, opts: WidthOptions, selector: object, sites
     compensate = opts.compensate and not refit
     walker = BlockWalker(ctx.model, ctx.family, ctx.require_tokens(), batch_size=ctx.batch_size, device=ctx.device,
                          offload=ctx.offload)
-    if getattr(selector, "needs_gram", False) and not compensate:  # chosen from second moments (OBS)
-        sites = set()
+    sites = walk_sites(sites, getattr(selector, "needs_gram", False), compensate)
     stats = Stats(n_tokens=walker.n_tokens)
     geo, n = ctx.geometry, len(ctx.geometry)
     ladders: list[Ladder] = []
