@@ -272,14 +272,25 @@ def _restrict_qk_norms(block: BlockView, g: Geometry, a: AttnPlan, kept_q: list[
     return undo
 
 
+def take_last(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x[..., idx] ([..., len(idx)]), gathered as rows of a 2-D view: torch's index_select along the last
+    dimension of a 3-D tensor is ~20x slower on CPU (measured 18 ms vs 0.9 ms for [16, 128, 1536])."""
+    return flat_out(x).index_select(1, idx).reshape(*x.shape[:-1], idx.numel())
+
+
+def flat_out(x: torch.Tensor) -> torch.Tensor:
+    """[..., C] -> [N, C] (a view when x is contiguous, which in-place writes through it rely on)."""
+    return x.view(-1, x.shape[-1]) if x.is_contiguous() else x.reshape(-1, x.shape[-1])
+
+
 def _restrict_norm(norm: nn.Module, kept: list[int]) -> Any:
     idx = torch.tensor(kept, dtype=torch.long, device=norm.weight.device)
     shadow = copy.deepcopy(norm)  # a [len(kept)] copy of the norm: the model's own weights stay untouched
     shadow.weight = nn.Parameter(norm.weight.detach().index_select(0, idx), requires_grad=False)
 
     def forward(x: torch.Tensor) -> torch.Tensor:  # x: [..., width]
-        out = torch.zeros_like(x)
-        out[..., idx] = shadow(x.index_select(-1, idx))
+        out = torch.zeros(x.shape, dtype=x.dtype, device=x.device)  # contiguous: written through a view
+        flat_out(out).index_copy_(1, idx, flat_out(shadow(take_last(x, idx))))
         return out
 
     norm.forward = forward
@@ -314,7 +325,7 @@ def _refit_forward(linear: nn.Linear, kept: list[int], tensors: dict[str, torch.
     b = linear.bias if b is None else b.to(device=dev, dtype=dt)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x.index_select(-1, idx), w, b)
+        return torch.nn.functional.linear(take_last(x, idx), w, b)
 
     linear.forward = forward
 

@@ -53,6 +53,43 @@ def test_product_sums_match_float64_across_flushes():
     torch.testing.assert_close(low.result().double(), ref, rtol=1e-4, atol=0)
 
 
+def test_symmetric_product_sum_is_the_full_second_moment():
+    """Gram's ProductSum sums only the upper-triangle panels of xᵀx and mirrors them: equal to the full
+    float64 product over several panels (a partial last one too), exactly symmetric, in both dtypes."""
+    from llmprune.prune.width.accumulate import PANEL, ProductSum
+
+    gen = torch.Generator().manual_seed(4)
+    p = 2 * PANEL + 37
+    batches = [torch.randn(300, p, generator=gen) + 0.5 for _ in range(3)]
+    ref = sum(b.double().T @ b.double() for b in batches)
+    for dtype, tol in ((torch.float64, 1e-5), (torch.float32, 1e-4)):
+        acc = ProductSum(dtype, symmetric=True)
+        for b in batches:
+            acc.add(b, b)
+        got = acc.result()
+        assert got.dtype == dtype and torch.equal(got, got.T)
+        torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
+    with pytest.raises(ValueError, match="add\\(a, a\\)"):
+        ProductSum(symmetric=True).add(batches[0], batches[1])
+
+
+def test_cross_moment_over_kept_columns_matches_the_full_one():
+    """targets.cross_moment(columns=K): the kept inputs' columns and the constant equal the full P's, the
+    others are zero (the refit reads only K̃; formed after the choice, it skips the removed inputs' products)."""
+    from llmprune.prune.width.targets import cross_moment
+
+    gen = torch.Generator().manual_seed(6)
+    xs = [torch.randn(2, 5, 12, generator=gen) for _ in range(3)]
+    ts = [torch.randn(2, 5, 4, generator=gen) for _ in range(3)]
+    kept = [0, 3, 4, 9, 11]
+    full = cross_moment(xs, ts.__getitem__)
+    part = cross_moment(xs, ts.__getitem__, columns=kept)
+    k = kept + [12]
+    torch.testing.assert_close(part[:, k], full[:, k], rtol=1e-6, atol=1e-7)
+    gone = [c for c in range(12) if c not in kept]
+    assert part.shape == full.shape and torch.count_nonzero(part[:, gone]) == 0
+
+
 def test_refit_with_nothing_removed_is_the_identity():
     x, w, b = _data()
     new_w, new_b = refit(w, b, _gram(x), list(range(w.shape[1])), damp=0.01)
@@ -308,8 +345,9 @@ def test_checkpoint_round_trip_with_refit_biases(tmp_path, tokens, tiny_tokenize
                                               ("wanda-sp", {"pruner.reconstruct": "ls",
                                                             "pruner.reconstruct_target": "dense"})])
 def test_replayed_sublayers_give_the_same_plan_as_recomputing(family, method, overrides, monkeypatch):
-    """replay.py: the walk's pass B / C stand-ins (recorded o_proj / down_proj inputs) change nothing."""
-    from llmprune.prune.width import replay
+    """replay.py: the walk's pass B / C stand-ins (recorded o_proj / down_proj inputs), and pass C as the FFN
+    entry's residual + down_proj' where no post-norm follows the FFN, change nothing."""
+    from llmprune.prune.width import reconstruct, replay
 
     model = make_model(family)
     calib = torch.randint(3, 320, (8, 16), generator=torch.Generator().manual_seed(2))
@@ -317,8 +355,13 @@ def test_replayed_sublayers_give_the_same_plan_as_recomputing(family, method, ov
     calls = []
     real_stand_in = replay.Replay.stand_in
     monkeypatch.setattr(replay.Replay, "stand_in", lambda self, *a, **k: calls.append(1) or real_stand_in(self, *a, **k))
+    shortcuts = []
+    real_advance = reconstruct.advance_by_residual
+    monkeypatch.setattr(reconstruct, "advance_by_residual", lambda *a: shortcuts.append(1) or real_advance(*a))
     fast = api.make_plan(model, recipe, calib, progress=False)
     assert calls  # the stand-ins were used
+    post_norm = family_for(model.config).block(model, 0).mlp.post_norm is not None
+    assert bool(shortcuts) == (not post_norm)  # Gemma 2 / OLMo 2 normalise the FFN's output: the full pass C
     monkeypatch.setattr(replay, "MAX_BYTES", 0)  # too big to record: recompute every pass
     slow = api.make_plan(model, recipe, calib, progress=False)
     assert fast.to_dict() == slow.to_dict()
@@ -363,14 +406,14 @@ def test_allocation_statistics_read_only_the_first_sequences_when_asked():
     fam = family_for(model.config)
     calib = torch.randint(3, 320, (8, 16), generator=torch.Generator().manual_seed(2))
     counts = []
-    hook = fam.block(model, 0).mlp.module.register_forward_hook(lambda _m, args, _o: counts.append(args[0].shape[0]))
+    hook = fam.block(model, 0).mlp.down.register_forward_hook(lambda _m, args, _o: counts.append(args[0].shape[0]))
     try:
         for n in (None, 4):
             counts.clear()
             recipe = load_recipe("obs", {"sparsity": 0.4, "calibration.batch_size": 4, "pruner.allocation_nsamples": n,
                                          "pruner.reconstruct_target": "module"})
             api.make_plan(model, recipe, calib, progress=False)
-            # the dense pass, then the walk's pass C on all 8 sequences (pass B stops before down_proj)
+            # down_proj in the dense pass, then in the walk's pass C on all 8 sequences (B stops before it)
             assert counts == ([4, 4] if n is None else [4]) + [4, 4]
     finally:
         hook.remove()

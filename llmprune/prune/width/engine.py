@@ -204,4 +204,5 @@ def _sequential(ctx: PruneContext, opts: WidthOptions, selector: ScoreSelector, 
 
     wopts = opts.walk_options()
     wopts.attn_needs_gram = wopts.mlp_needs_gram = selector.needs_gram
+    wopts.select_on_target = bool(getattr(selector, "on_target", False))
     return walk_layers(ctx, attn, mlp, sites, wopts, method)

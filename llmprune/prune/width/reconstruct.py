@@ -33,12 +33,13 @@ from ..context import PruneContext
 from .accumulate import ProductSum
 from .allocate import LayerKeep
 from .keeps import plan_from_keeps
-from .replay import Replay, fits
+from .replay import Replay, advance_by_residual, fits
 from .targets import (DenseStream, cross_moment, ffn_entry, paired_cross, sublayer_target,
                       warn_if_few_tokens)
 
 log = logging.getLogger(__name__)
 MAX_DAMP = 1e3  # relative to mean(diag H): beyond this the fit is no longer a reconstruction
+FFN_LAST_SHORTCUT = True  # pass C as r̂ + down'(x_down) where the block allows it (tests compare with the full pass)
 
 
 class ReconstructionError(RuntimeError):
@@ -53,7 +54,7 @@ class Gram:
 
     def __init__(self, dtype: torch.dtype = torch.float64):
         self.dtype = dtype
-        self.products = ProductSum(dtype)  # Σ x xᵀ [in, in]
+        self.products = ProductSum(dtype, symmetric=True)  # Σ x xᵀ [in, in]
         self.col: torch.Tensor | None = None  # Σ x [in]
         self.count = 0
 
@@ -188,8 +189,14 @@ class WalkOptions:
     compensate: bool = False  # FLAP bias compensation (ignored where a refit replaces it)
     target: str = "module"  # what the refit aims at (targets.py): module | dense | residual
     attn_needs_gram: bool = False  # the attention chooser uses H (OBS)
+    select_on_target: bool = False  # the choosers read the cross moment P (else it is formed after the choice)
     mlp_needs_gram: bool = False
     extras: dict = field(default_factory=dict)
+
+
+def refits(decision: object, sublayer: object) -> bool:
+    """Whether layer_tensors refits this sublayer: it exists, is kept, and lost some of its inputs."""
+    return sublayer is not None and not decision.drop and not decision.is_identity()
 
 
 def layer_tensors(block: BlockView, g: Geometry, keep: LayerKeep, plan: Plan, i: int, h_o: torch.Tensor | None,
@@ -198,11 +205,11 @@ def layer_tensors(block: BlockView, g: Geometry, keep: LayerKeep, plan: Plan, i:
     """Refit the partly pruned o_proj / down_proj of layer i (plan: at least this layer's decisions)."""
     out: dict[str, torch.Tensor] = {}
     lp = plan.layers[i]
-    if h_o is not None and block.attn is not None and not lp.attn.drop and not lp.attn.is_identity():
+    if h_o is not None and refits(lp.attn, block.attn):
         w, b = refit(block.attn.o.weight, block.attn.o.bias, h_o, attn_kept_channels(g, lp.attn), damp,
                      f"layer {i} o_proj input second moment", cross_o)
         out[f"L{i}.attn.o.weight"], out[f"L{i}.attn.o.bias"] = w.float().cpu(), b.float().cpu()
-    if h_down is not None and block.mlp is not None and not lp.mlp.drop and not lp.mlp.is_identity():
+    if h_down is not None and refits(lp.mlp, block.mlp):
         w, b = refit(block.mlp.down.weight, block.mlp.down.bias, h_down, lp.mlp.keep_channels, damp,
                      f"layer {i} down_proj input second moment", cross_down)
         out[f"L{i}.mlp.down.weight"], out[f"L{i}.mlp.down.bias"] = w.float().cpu(), b.float().cpu()
@@ -219,11 +226,12 @@ def walk_sites(sites: set[str], needs_gram: bool, compensate: bool) -> set[str]:
 
 
 def attention_only(block: BlockView, sites: set[str]) -> nn.Module | None:
-    """The attention module when pass A records nothing past it (no FFN or whole-block statistics): the pass
-    stops there, as the FFN's second moment comes from pass B anyway (the FFN is ~2/3 of a block's work)."""
+    """o_proj when pass A records nothing past its input (no FFN or whole-block statistics): the pass stops at
+    o_proj's input, as the FFN's second moment comes from pass B anyway (the FFN is ~2/3 of a block's work, and
+    o_proj's dense output on the pruned stream is never used). Use as `walker.run(stop_before=...)`."""
     if block.attn is None or block.mlp is None or not set(sites) <= ATTENTION_SITES:
         return None
-    return block.attn.module
+    return block.attn.o
 
 
 def _merge(a: LayerKeep, m: LayerKeep) -> LayerKeep:
@@ -272,10 +280,13 @@ def walk_layers(ctx: PruneContext, choose_attn: Choose, choose_mlp: Choose, site
             # replay.py: the pruned sublayers' outputs from their recorded last-linear inputs; with a dense /
             # residual target the dense side's inputs (and residuals) are recorded too
             width = (g.n_q_heads * g.head_dim if block.attn else 0) + (g.intermediate if block.mlp else 0)
-            replay_ok = fits(walker.n_tokens, width + 5 * g.hidden if paired else width, act_dtype)
+            replay_ok = fits(walker.n_tokens, width + (5 if paired else 1) * g.hidden, act_dtype)
             rec_o = Replay(walker.store) if replay_ok and block.attn is not None else None
             stand_in_o = rec_o is not None and block.attn.qk_norm_per_head
             rec_d = Replay(walker.store) if replay_ok and block.mlp is not None else None
+            # the FFN is the block's last step, added straight to the residual: pass C is r̂ + down'(x_down)
+            ffn_last = rec_d is not None and block.mlp.post_norm is None and not walker.offload and FFN_LAST_SHORTCUT
+            r_hat: Replay | None = None  # the pruned residual entering the FFN (its pre-norm's input), from pass B
             if dense is not None and replay_ok:  # pass D: the dense block on the dense stream
                 dense.run(walker, i, block.attn.module if block.attn else None, block.mlp.module if block.mlp else None)
             want_o = block.attn is not None and (opts.refit or opts.attn_needs_gram)
@@ -283,10 +294,12 @@ def walk_layers(ctx: PruneContext, choose_attn: Choose, choose_mlp: Choose, site
             mods_o = {f"L{i}.o": block.attn.o} if gram_o else {}
             with record(site_modules(block, sites), stats), record_grams(mods_o, gram_o), \
                     rec_o.record(block.attn.o) if rec_o else contextlib.nullcontext():
-                walker.run(i, keep=False, stop_after=attention_only(block, sites))  # statistics only
+                walker.run(i, keep=False, stop_before=attention_only(block, sites))  # statistics only
             h_o = gram_o[f"L{i}.o"].matrix() if gram_o else None
             cross_o = cross_d = None
-            if dense is not None and block.attn is not None:
+            # with the inputs recorded and a chooser that ignores P, P is formed after the choice over kept inputs only
+            late = replay_ok and not opts.select_on_target
+            if dense is not None and block.attn is not None and not late:
                 if replay_ok:
                     cross_o = cross_moment(rec_o.inputs,
                                            lambda j: dense.attn_target(j, walker.hidden[j] if resid_o else None))
@@ -296,6 +309,10 @@ def walk_layers(ctx: PruneContext, choose_attn: Choose, choose_mlp: Choose, site
                                            dense.next)
             a_keep = choose_attn(i, block, g, stats, h_o, cross_o)
             a_keep = LayerKeep(kv_groups=a_keep.kv_groups, q_heads=a_keep.q_heads)  # the FFN is decided after pass B
+            if dense is not None and late and refits(layer_plan(i, a_keep, {}).layers[i].attn, block.attn):
+                cross_o = cross_moment(rec_o.inputs,
+                                       lambda j: dense.attn_target(j, walker.hidden[j] if resid_o else None),
+                                       attn_kept_channels(g, layer_plan(i, a_keep, {}).layers[i].attn))
             t_attn = layer_tensors(block, g, a_keep, layer_plan(i, a_keep, {}), i, h_o if opts.refit else None, None,
                                    opts.damp, cross_o=cross_o)
             attn_plan = layer_plan(i, a_keep, t_attn)
@@ -308,19 +325,17 @@ def walk_layers(ctx: PruneContext, choose_attn: Choose, choose_mlp: Choose, site
             h_down = None
             if block.mlp is not None and (opts.refit or opts.mlp_needs_gram):
                 gram_d = {f"L{i}.down": Gram(opts.hessian_dtype)}
-                # the pruned side's residual entering the FFN (residual target): the FFN's pre-norm input
-                r_hat = Replay(walker.store)
+                r_hat = Replay(walker.store) if (resid_d and replay_ok) or ffn_last else None
                 with simulate(ctx.model, attn_plan, ctx.family), attn_stand_in(attn_plan), \
                         record_grams({f"L{i}.down": block.mlp.down}, gram_d), \
                         rec_d.record(block.mlp.down) if rec_d else contextlib.nullcontext(), \
-                        r_hat.record(ffn_entry(block)) if resid_d and replay_ok else contextlib.nullcontext():
+                        r_hat.record(ffn_entry(block)) if r_hat else contextlib.nullcontext():
                     walker.run(i, keep=False, stop_before=block.mlp.down)  # down_proj's output is not needed
                 h_down = gram_d[f"L{i}.down"].matrix()
-                if dense is not None and replay_ok:
+                if dense is not None and replay_ok and not late:
                     cross_d = cross_moment(rec_d.inputs,
                                            lambda j: dense.mlp_target(j, r_hat.inputs[j] if resid_d else None))
-                    del r_hat
-                elif dense is not None:
+                elif dense is not None and not replay_ok:
                     cross_d = paired_cross(walker, i, dense.hidden, block.mlp.down, block.mlp.module, "mlp",
                                            sublayer_target(opts.target, block.mlp.post_norm),
                                            lambda: simulate(ctx.model, attn_plan, ctx.family),
@@ -329,19 +344,27 @@ def walk_layers(ctx: PruneContext, choose_attn: Choose, choose_mlp: Choose, site
                 rec_d = None  # no pass B: nothing recorded
             keeps[i] = _merge(a_keep, choose_mlp(i, block, g, stats, h_down, cross_d))
             full = layer_plan(i, keeps[i], {})
+            if dense is not None and late and h_down is not None and refits(full.layers[i].mlp, block.mlp):
+                cross_d = cross_moment(rec_d.inputs,
+                                       lambda j: dense.mlp_target(j, r_hat.inputs[j] if resid_d else None),
+                                       full.layers[i].mlp.keep_channels)
             t_layer = t_attn | layer_tensors(block, g, keeps[i], full, i, None, h_down if opts.refit else None, opts.damp,
                                              cross_down=cross_d)
             tensors.update(t_layer)
             full.tensors = t_layer
             mlp_stand_in = rec_d.stand_in(block.mlp.module, block.mlp.down, returns_tuple=False) \
                 if rec_d is not None and not full.layers[i].mlp.drop else contextlib.nullcontext()
-            with simulate(ctx.model, full, ctx.family), attn_stand_in(full), mlp_stand_in:
-                walker.advance_through(i)
+            if ffn_last and r_hat is not None and not full.layers[i].mlp.drop:  # pass C: one linear and an add
+                with simulate(ctx.model, full, ctx.family):
+                    advance_by_residual(walker, r_hat.inputs, block.mlp.down, rec_d.inputs)
+            else:
+                with simulate(ctx.model, full, ctx.family), attn_stand_in(full), mlp_stand_in:
+                    walker.advance_through(i)
             if dense is not None:
                 if not dense.next:  # nothing ran the dense block on the dense stream yet
                     dense.next = walker.run(i, dense.hidden)
                 dense.advance()
-            del h_o, h_down, rec_o, rec_d
+            del h_o, h_down, rec_o, rec_d, r_hat
     plan = plan_from_keeps(geo, keeps, method, stats=stats, compensate=compensate)
     plan.tensors = tensors
     plan.validate()

@@ -6,21 +6,26 @@ or refits them); everything before it — q/k/v, rotary, softmax, gate/up — co
 on the same layer input. So once the dense layer has run on the walk's inputs (pass A), the pruned
 attention's output per micro-batch is `o_proj'(x_o)`, with x_o recorded in pass A, and the pruned
 FFN's output is `down_proj'(x_down)` with x_down recorded in pass B: pass B then costs the norms and
-the FFN, and the pass that advances the walk (pass C) only norms and residual adds.
+the FFN, and the pass that advances the walk (pass C) only norms and residual adds — or, where the FFN
+is added last and straight to the residual (no post-norm), down_proj' and one add on the FFN entry's
+residual r̂ recorded in pass B (`advance_by_residual`).
 
 Not used where the premise fails: a sublayer the plan drops (simulate already silences it), and
 whole-projection q/k norms (OLMo 2), whose statistic changes with the kept heads. Memory: the
-recorded inputs of one layer for every calibration token, `n_tokens · (n_q·head_dim + ffn)` values
+recorded inputs of one layer for every calibration token, `n_tokens · (n_q·head_dim + ffn + d)` values
 in the model dtype; above `MAX_BYTES` the walk recomputes instead (three full passes per layer).
 """
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from ...calibrate import BlockWalker
 
 MAX_BYTES = 4 * 2**30  # recorded inputs of one layer, above which the walk recomputes instead
 
@@ -61,9 +66,21 @@ class Replay:
             del module.forward
 
 
+@torch.no_grad()
+def advance_by_residual(walker: "BlockWalker", residual: list[torch.Tensor], linear: nn.Module,
+                        inputs: list[torch.Tensor]) -> None:
+    """The walk's next inputs as residual[j] + linear(inputs[j]) per micro-batch, replacing the current ones in
+    place: the block's output when its last step adds a sublayer ending in `linear` straight to the residual
+    stream (no post-norm) — Llama, Mistral, Qwen, Phi-3 add `residual + mlp(norm(residual))` last. With the
+    FFN entry's residual recorded in pass B, advancing the walk costs down_proj alone (no norms, no o_proj)."""
+    walker.hidden = list(walker.hidden)  # a caller may still hold the old list
+    for j, (r, x) in enumerate(zip(residual, inputs)):
+        walker.hidden[j] = (r.to(walker.device) + linear(x.to(walker.device))).to(walker.store)
+
+
 def fits(n_tokens: int, widths: int, dtype: torch.dtype) -> bool:
     """Whether recording `widths` values per token for every calibration token stays under MAX_BYTES."""
     return n_tokens * widths * torch.empty((), dtype=dtype).element_size() <= MAX_BYTES
 
 
-__all__ = ["MAX_BYTES", "Replay", "fits"]
+__all__ = ["MAX_BYTES", "Replay", "advance_by_residual", "fits"]

@@ -127,7 +127,7 @@ def build_ladders(ctx: PruneContext, opts: WidthOptions, selector: object, sites
             dense.run(walker, i, block.attn.module if block.attn else None, block.mlp.module if block.mlp else None)
         with record(site_modules(block, sites), stats), record_grams({"o": block.attn.o} if gram else {}, gram), \
                 rec_o.record(block.attn.o) if paired and block.attn is not None else contextlib.nullcontext():
-            walker.run(i, keep=False, stop_after=attention_only(block, sites))
+            walker.run(i, keep=False, stop_before=attention_only(block, sites))
         h_o = gram["o"].matrix() if gram else None
         cross_o = cross_d = None
         if dense is not None and a_shape is not None:

@@ -29,6 +29,7 @@ from torch import nn
 
 from ...calibrate import BlockWalker
 from ...families.base import BlockView
+from ...surgery import take_last
 from .accumulate import ProductSum
 
 log = logging.getLogger(__name__)
@@ -198,13 +199,27 @@ class DenseStream:
 
 
 @torch.no_grad()
-def cross_moment(x_hat: list[torch.Tensor], target: Callable[[int], torch.Tensor]) -> torch.Tensor:
-    """P = E[T x̂̃ᵀ] ([out, in+1], float64), micro-batch by micro-batch: `target(j)` is T of micro-batch j."""
+def cross_moment(x_hat: list[torch.Tensor], target: Callable[[int], torch.Tensor],
+                 columns: list[int] | None = None) -> torch.Tensor:
+    """P = E[T x̂̃ᵀ] ([out, in+1], float64), micro-batch by micro-batch: `target(j)` is T of micro-batch j.
+    `columns`: only these inputs (and the constant) are summed, the other columns are left zero — the refit
+    of a chosen selection reads the kept columns alone (at 50 % sparsity half the products)."""
     cross = CrossMoment()
+    idx = None if columns is None else torch.tensor(columns, dtype=torch.long)
     for j, xh in enumerate(x_hat):
         t = target(j)
-        cross.update(t, xh.to(t.device))
-    return cross.matrix()
+        xh = xh.to(t.device)
+        if idx is not None:
+            xh = take_last(xh, idx.to(t.device))
+        cross.update(t, xh)
+    part = cross.matrix()  # [out, |columns| + 1]
+    if idx is None:
+        return part
+    n_in = x_hat[0].shape[-1]
+    full = torch.zeros(part.shape[0], n_in + 1, dtype=part.dtype, device=part.device)
+    full[:, idx.to(part.device)] = part[:, :-1]
+    full[:, n_in] = part[:, -1]
+    return full
 
 
 TOKENS_PER_INPUT = 8  # below this many calibration tokens per refit input, dense/residual targets overfit
