@@ -22,24 +22,19 @@ falls back.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import logging
-import os
 import random
 import re
-import socket
-import threading
-import urllib.parse
-import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+# the Hub probe lives in hubprobe.py; its names stay reachable here (tests clear data._tcp_reachable's cache)
+from .hubprobe import _forced_offline, _hub_reachable, _offline_requested, _tcp_reachable  # noqa: F401
 from .textfiles import _FIELD_FIX, _LOCAL_SUFFIXES, _SPLIT_ALIASES, DataError, _as_text, read_local
 
 logger = logging.getLogger(__name__)
@@ -53,9 +48,7 @@ SEPARATOR = "\n\n"
 # Corpora up to this many characters are tokenized as one joined string (the standard recipe,
 # byte-identical to published pipelines); larger ones are tokenized per document.
 WHOLE_STREAM_MAX_CHARS = 16_000_000
-HUB_PROBE_TIMEOUT_S = 2.0
 _BATCH_DOCS = 256
-_TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 @dataclass(frozen=True)
@@ -221,73 +214,6 @@ def _load_local(path: Path, split: str, text_field: str) -> tuple[list[str], Res
 
 
 # ----------------------------------------------------------------------------- Hub
-
-def _offline_requested() -> bool:
-    """True when the user asked for offline mode (env vars read now, or the libraries' flags)."""
-    if any(os.environ.get(v, "").upper() in _TRUE
-           for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")):
-        return True
-    import datasets.config
-    import huggingface_hub.constants
-
-    return bool(datasets.config.HF_HUB_OFFLINE or huggingface_hub.constants.HF_HUB_OFFLINE)
-
-
-@contextlib.contextmanager
-def _forced_offline(enabled: bool = True) -> Iterator[None]:
-    """Make ``datasets``/``huggingface_hub`` act as with HF_HUB_OFFLINE=1 (cache only) for a while.
-
-    Both libraries read the variable at import time, so their module flags are switched instead.
-    """
-    if not enabled:
-        yield
-        return
-    import datasets.config as dcfg
-    import huggingface_hub.constants as hcst
-
-    saved = (dcfg.HF_HUB_OFFLINE, dcfg.HF_DATASETS_OFFLINE, hcst.HF_HUB_OFFLINE)
-    dcfg.HF_HUB_OFFLINE = dcfg.HF_DATASETS_OFFLINE = hcst.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        dcfg.HF_HUB_OFFLINE, dcfg.HF_DATASETS_OFFLINE, hcst.HF_HUB_OFFLINE = saved
-
-
-@functools.lru_cache(maxsize=8)
-def _tcp_reachable(host: str, port: int, timeout: float) -> bool:
-    """Can a TCP connection to host:port be opened within ``timeout`` s (DNS included)?"""
-    ok = threading.Event()
-
-    def probe() -> None:
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                ok.set()
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=probe, daemon=True)  # getaddrinfo itself has no timeout
-    thread.start()
-    thread.join(timeout + 0.5)
-    return ok.is_set()
-
-
-def _hub_reachable() -> bool:
-    """2 s TCP probe of the Hub endpoint (or of the HTTPS proxy, when one is configured)."""
-    import huggingface_hub.constants
-
-    url = urllib.parse.urlsplit(huggingface_hub.constants.ENDPOINT)
-    proxy = urllib.request.getproxies().get(url.scheme)
-    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
-        url = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-    if not url.hostname:
-        return True  # cannot tell: let the libraries try
-    port = url.port or (443 if url.scheme == "https" else 80)
-    reachable = _tcp_reachable(url.hostname, port, HUB_PROBE_TIMEOUT_S)
-    if not reachable:
-        logger.info("data: %s:%d is unreachable; reading Hub datasets from the local cache only",
-                    url.hostname, port)
-    return reachable
-
 
 def _unreachable_message(hub_id: str, error: BaseException) -> str:
     import datasets.config
