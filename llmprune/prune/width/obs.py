@@ -35,7 +35,7 @@ class ObsConfig(DataWidthOptions):
     sequential: bool = True
     reconstruct: str = "ls"  # type: ignore[assignment]  # OBS always updates the kept weights
     ffn_batch: int = Field(16, ge=1)  # FFN channels removed per OBS step (one downdate each)
-    allocation_nsamples: int | None = Field(32, ge=1)  # the sizes' dense pass: 32 sequences suffice (options.py)
+    allocation_nsamples: int | None = Field(16, ge=1)  # the sizes' dense pass: 16 sequences suffice (options.py)
     # with a dense / residual reconstruct_target, rank removals against that target's optimum (the refit's own
     # objective) instead of the dense module's weights; off: measured better in 3 of 4 cells (docs/reconstruction.md)
     select_on_target: bool = False
