@@ -309,12 +309,13 @@ def walk_layers(ctx: PruneContext, choose_attn: Choose, choose_mlp: Choose, site
                                            dense.next)
             a_keep = choose_attn(i, block, g, stats, h_o, cross_o)
             a_keep = LayerKeep(kv_groups=a_keep.kv_groups, q_heads=a_keep.q_heads)  # the FFN is decided after pass B
-            if dense is not None and late and refits(layer_plan(i, a_keep, {}).layers[i].attn, block.attn):
+            a_plan = layer_plan(i, a_keep, {})
+            if dense is not None and late and refits(a_plan.layers[i].attn, block.attn):
                 cross_o = cross_moment(rec_o.inputs,
                                        lambda j: dense.attn_target(j, walker.hidden[j] if resid_o else None),
-                                       attn_kept_channels(g, layer_plan(i, a_keep, {}).layers[i].attn))
-            t_attn = layer_tensors(block, g, a_keep, layer_plan(i, a_keep, {}), i, h_o if opts.refit else None, None,
-                                   opts.damp, cross_o=cross_o)
+                                       attn_kept_channels(g, a_plan.layers[i].attn))
+            t_attn = layer_tensors(block, g, a_keep, a_plan, i, h_o if opts.refit else None, None, opts.damp,
+                                   cross_o=cross_o)
             attn_plan = layer_plan(i, a_keep, t_attn)
 
             def attn_stand_in(p: Plan) -> contextlib.AbstractContextManager[None]:
