@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ...calibrate import BlockWalker, Stats, record, site_modules
 from ...families.base import BlockView, Geometry
-from ...plan import Plan, attn_kept_channels
+from ...plan import AttnPlan, MlpPlan, Plan, attn_kept_channels
 from ...surgery import simulate
 from ..context import PruneContext
 from .accumulate import ProductSum
@@ -39,7 +39,6 @@ from .targets import (DenseStream, cross_moment, ffn_entry, paired_cross, sublay
 
 log = logging.getLogger(__name__)
 MAX_DAMP = 1e3  # relative to mean(diag H): beyond this the fit is no longer a reconstruction
-FFN_LAST_SHORTCUT = True  # pass C as r̂ + down'(x_down) where the block allows it (tests compare with the full pass)
 
 
 class ReconstructionError(RuntimeError):
@@ -194,7 +193,7 @@ class WalkOptions:
     extras: dict = field(default_factory=dict)
 
 
-def refits(decision: object, sublayer: object) -> bool:
+def refits(decision: AttnPlan | MlpPlan, sublayer: object | None) -> bool:
     """Whether layer_tensors refits this sublayer: it exists, is kept, and lost some of its inputs."""
     return sublayer is not None and not decision.drop and not decision.is_identity()
 
@@ -285,7 +284,7 @@ def walk_layers(ctx: PruneContext, choose_attn: Choose, choose_mlp: Choose, site
             stand_in_o = rec_o is not None and block.attn.qk_norm_per_head
             rec_d = Replay(walker.store) if replay_ok and block.mlp is not None else None
             # the FFN is the block's last step, added straight to the residual: pass C is r̂ + down'(x_down)
-            ffn_last = rec_d is not None and block.mlp.post_norm is None and not walker.offload and FFN_LAST_SHORTCUT
+            ffn_last = rec_d is not None and block.mlp.post_norm is None and not walker.offload
             r_hat: Replay | None = None  # the pruned residual entering the FFN (its pre-norm's input), from pass B
             if dense is not None and replay_ok:  # pass D: the dense block on the dense stream
                 dense.run(walker, i, block.attn.module if block.attn else None, block.mlp.module if block.mlp else None)
@@ -309,14 +308,14 @@ def walk_layers(ctx: PruneContext, choose_attn: Choose, choose_mlp: Choose, site
                                            dense.next)
             a_keep = choose_attn(i, block, g, stats, h_o, cross_o)
             a_keep = LayerKeep(kv_groups=a_keep.kv_groups, q_heads=a_keep.q_heads)  # the FFN is decided after pass B
-            a_plan = layer_plan(i, a_keep, {})
-            if dense is not None and late and refits(a_plan.layers[i].attn, block.attn):
+            attn_plan = layer_plan(i, a_keep, {})
+            if dense is not None and late and refits(attn_plan.layers[i].attn, block.attn):
                 cross_o = cross_moment(rec_o.inputs,
                                        lambda j: dense.attn_target(j, walker.hidden[j] if resid_o else None),
-                                       attn_kept_channels(g, a_plan.layers[i].attn))
-            t_attn = layer_tensors(block, g, a_keep, a_plan, i, h_o if opts.refit else None, None, opts.damp,
+                                       attn_kept_channels(g, attn_plan.layers[i].attn))
+            t_attn = layer_tensors(block, g, a_keep, attn_plan, i, h_o if opts.refit else None, None, opts.damp,
                                    cross_o=cross_o)
-            attn_plan = layer_plan(i, a_keep, t_attn)
+            attn_plan.tensors = t_attn  # the attention decided and refit: the plan pass B runs with
 
             def attn_stand_in(p: Plan) -> contextlib.AbstractContextManager[None]:
                 if not stand_in_o or p.layers[i].attn.drop:  # a dropped sublayer is silenced by simulate
